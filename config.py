@@ -1,0 +1,288 @@
+"""Typed configs: dataclass defaults < a YAML preset or file < `--set section.key=value` overrides.
+
+Each component owns a settings dataclass (a *section*); `Config` gathers the sections. Named presets
+live in `configs/*.yaml` (`tiny`, `demo`, `paper`). Unknown keys and values of the wrong type are
+errors that name the key and the file they came from. The resolved config is saved beside every
+output with `save_config`, so every artefact says what made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from diva import __version__
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key and its source."""
+
+
+def doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose `help` text documents it in `diva config show --docs`."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelsConfig:
+    """Which models a run uses."""
+
+    whisper: str = doc(
+        "Whisper model: an embedded name (whisper-tiny.en), a local folder, or a Hugging Face id "
+        "already in the local cache.",
+        default="whisper-tiny.en",
+    )
+    llm: str = doc(
+        "Decoder-only chat LLM (teacher and the student's frozen LLM): an embedded name "
+        "(smollm2-135m-instruct), a local folder, or a Hugging Face id already in the local cache.",
+        default="smollm2-135m-instruct",
+    )
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how tensors are computed."""
+
+    device: str = doc("auto, cpu, cuda or cuda:N. auto picks cuda when present.", default="auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
+        "Compute dtype. auto: bfloat16 where the hardware has it natively (recent GPUs, CPUs with "
+        "AVX512-BF16/AMX), float32 elsewhere (on AVX2-only CPUs bf16 is ~80x slower).",
+        default="auto",
+    )
+    threads: int = doc("CPU threads for torch; 0 keeps torch's default.", default=0)
+    seed: int = doc("Random seed.", default=0)
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ConfigError(f"runtime.threads must be >= 0, got {self.threads}")
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    preset: str = doc("Name of the preset this config started from (informational).", default="custom")
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# --- building dataclasses from plain data, with types checked -------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML or the CLI lost the type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({source})")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        return from_dict(tp, value, source=source, prefix=key + ".")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r} ({source})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                continue
+        raise fail()
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise fail()
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _unknown_key_error(cls: type, key: str, prefix: str, source: str) -> ConfigError:
+    known = [f.name for f in dataclasses.fields(cls)]
+    hint = difflib.get_close_matches(key, known, n=1)
+    did_you_mean = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
+    return ConfigError(
+        f"unknown key '{prefix}{key}' ({source}); known keys here: {', '.join(known)}{did_you_mean}"
+    )
+
+
+def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> Any:
+    """Build dataclass `cls` from nested plain data; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise _unknown_key_error(cls, key, prefix, source)
+    kwargs = {key: _coerce(value, hints[key], prefix + key, source) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({source})") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested data (YAML-ready) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+# --- presets, files and overrides ----------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in configs/."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def find_config_file(name_or_path: str | Path) -> Path:
+    """A preset name (`demo`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(
+        f"no config file or preset named '{name_or_path}'; presets: {', '.join(preset_names())}"
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # A string field keeps exactly what was typed ("--set models.llm=007" stays "007").
+    return key.strip().split("."), (value, raw)
+
+
+def _apply_override(data: dict[str, Any], cls: type, path: list[str], value: tuple[Any, str]) -> None:
+    """Set one dotted override in nested `data`, checking each key against the dataclass `cls`."""
+    parsed, raw = value
+    node, node_cls = data, cls
+    for depth, key in enumerate(path):
+        names = {f.name: f for f in dataclasses.fields(node_cls)}
+        prefix = ".".join(path[:depth]) + ("." if depth else "")
+        if key not in names:
+            raise _unknown_key_error(node_cls, key, prefix, "--set")
+        tp = typing.get_type_hints(node_cls)[key]
+        if depth == len(path) - 1:
+            node[key] = raw if tp is str else parsed
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"--set {'.'.join(path)}: '{prefix}{key}' is a value, not a section")
+        node = node.setdefault(key, {})
+        node_cls = tp
+
+
+def load_config(
+    name_or_path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    cls: type = Config,
+) -> Any:
+    """Resolve a config: defaults < the YAML preset or file < overrides (`section.key=value`)."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if name_or_path is not None:
+        path = find_config_file(name_or_path)
+        data = _read_yaml(path)
+        source = str(path)
+        if "preset" not in data and path.parent == PRESETS_DIR and "preset" in {
+            f.name for f in dataclasses.fields(cls)
+        }:
+            data["preset"] = path.stem
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, cls, keys, value)
+    return from_dict(cls, data, source=source if not overrides else f"{source} + --set")
+
+
+def save_config(cfg: Any, path: Path, made_by: str = "") -> Path:
+    """Write the resolved config as YAML, with a header saying what made it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    header = f"# resolved config written by diva {__version__} at {now}"
+    if made_by:
+        header += f"\n# made by: {made_by}"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + "\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf field: the documentation behind `diva config show --docs`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+        else:
+            rows.append((prefix + f.name, repr(getattr(defaults, f.name)), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,1 @@
+"""The student: frozen Whisper encoder -> Q-Former -> projection -> frozen LLM, trained from the cache."""
