@@ -31,11 +31,18 @@ models_app = typer.Typer(
     help="Embedded default models, tiny test models, and where models are found.", no_args_is_help=True
 )
 config_app = typer.Typer(help="Presets and resolved configs (defaults < YAML < --set).", no_args_is_help=True)
+manifest_app = typer.Typer(
+    help="Corpus manifests: import an ASR corpus into one clean manifest plus an account of every row left out.",
+    no_args_is_help=True,
+)
+corpus_app = typer.Typer(help="Generate corpora (the demo's synthetic speech).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
+app.add_typer(manifest_app, name="manifest")
+app.add_typer(corpus_app, name="corpus")
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[
     str | None,
@@ -66,9 +73,7 @@ def main(
     if version:
         out.print(f"diva {__version__}")
         raise typer.Exit(0)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
 # --- diva models ---------------------------------------------------------------------------------
@@ -183,6 +188,169 @@ def config_presets() -> None:
     for name in preset_names():
         first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
         out.print(first if first.startswith(name) else f"{name}: {first}")
+
+
+# --- diva manifest ---------------------------------------------------------------------------------
+
+
+def _row_progress(label: str):
+    """A live counter (rows, kept, rejected, rate) for jobs whose row count is unknown up front."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn(label + " {task.completed} rows ({task.fields[kept]} kept, {task.fields[rejected]} rejected)"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@manifest_app.command("import")
+def manifest_import(
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="Corpus kind: commonvoice, librispeech, tsv, csv, jsonl, nemo, lhotse or hf.", show_default=False
+        ),
+    ],
+    source: Annotated[Path, typer.Argument(help="The corpus folder or table file.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Manifest folder to write.", show_default=False)],
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="commonvoice: the TSV to read (train, dev, test, validated, invalidated, other; default "
+            "train). librispeech/hf: the subset or split. Others: a label stored on every row.",
+            show_default=False,
+        ),
+    ] = None,
+    language: Annotated[
+        str | None, typer.Option(help="Language code for rows whose corpus does not say.", show_default=False)
+    ] = None,
+    path_column: Annotated[str, typer.Option(help="tsv/csv/jsonl/hf: column holding the audio path.")] = "path",
+    text_column: Annotated[str, typer.Option(help="tsv/csv/jsonl/hf: column holding the transcript.")] = "text",
+    id_column: Annotated[
+        str | None,
+        typer.Option(
+            help="tsv/csv/jsonl/hf: column holding a stable utterance id (default: the audio path "
+            "without its extension).",
+            show_default=False,
+        ),
+    ] = None,
+    speaker_column: Annotated[
+        str | None, typer.Option(help="tsv/csv/jsonl/hf: column holding the speaker.", show_default=False)
+    ] = None,
+    audio_column: Annotated[str, typer.Option(help="hf: the audio column ({bytes, path}).")] = "audio",
+    min_duration_s: Annotated[float, typer.Option(help="Reject audio shorter than this (too_short).")] = 0.1,
+    max_duration_s: Annotated[
+        float,
+        typer.Option(help="Reject audio longer than this (too_long); 0 keeps long audio (encoded in 30 s chunks)."),
+    ] = 30.0,
+    confine: Annotated[
+        bool, typer.Option("--confine", help="Reject audio paths that resolve outside the corpus folder.")
+    ] = False,
+    probe: Annotated[
+        str,
+        typer.Option(
+            help="header: durations from clip_durations.tsv or the file header (fast); decode: fully "
+            "decode every file (thorough, hours for millions of mp3s)."
+        ),
+    ] = "header",
+    workers: Annotated[int, typer.Option(help="Parallel probes; 0 = automatic.")] = 0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Import again even if OUT_DIR holds the same finished import.")
+    ] = False,
+) -> None:
+    """Import an ASR corpus into OUT_DIR: manifest.jsonl.gz (one JSON record per utterance), rejects.jsonl (one
+    line per row left out, with its reason code) and stats.json (written last). Safe to re-run."""
+    from diva.manifests.importers.base import ImportOptions
+    from diva.manifests.prepare import import_corpus
+    from diva.manifests.record import Reject
+    from diva.manifests.validate import ValidationOptions
+
+    try:
+        validation = ValidationOptions(min_duration_s, max_duration_s, confine, probe)  # type: ignore[arg-type]
+        options = ImportOptions(split, language, path_column, text_column, id_column, speaker_column, audio_column)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    counts = {"kept": 0, "rejected": 0}
+    with _row_progress(f"importing {kind}") as bar:
+        task = bar.add_task("import", total=None, **counts)
+
+        def progress(item) -> None:
+            counts["rejected" if isinstance(item, Reject) else "kept"] += 1
+            bar.update(task, advance=1, **counts)
+
+        try:
+            result = import_corpus(kind, source, out_dir, options, validation, workers, force, progress)
+        except (ValueError, FileNotFoundError) as e:
+            raise _fail(str(e)) from e
+    stats = result.stats
+    if result.status == "present":
+        out.print(f"{out_dir}: already imported with the same options (nothing to do; --force redoes it)")
+    out.print(
+        f"{stats['rows_read']} rows read: {stats['kept']} kept ({stats['hours']:.2f} h, {stats['speakers']} speakers), "
+        f"{stats['rejected']} rejected {stats['rejected_by_reason'] or ''}"
+    )
+    out.print(f"written: {out_dir}/manifest.jsonl.gz, rejects.jsonl, stats.json")
+
+
+@manifest_app.command("stats")
+def manifest_stats(
+    path: Annotated[Path, typer.Argument(help="A manifest folder or manifest file.", show_default=False)],
+) -> None:
+    """Print a manifest's statistics (stats.json when present, else recomputed by streaming the manifest)."""
+    import json
+
+    from diva.manifests.store import ManifestError, compute_stats, read_stats
+
+    stats = read_stats(path) if path.is_dir() else None
+    try:
+        stats = stats or compute_stats(path)
+    except ManifestError as e:
+        raise _fail(str(e)) from e
+    out.print(json.dumps(stats, indent=2, ensure_ascii=False))
+
+
+@manifest_app.command("validate")
+def manifest_validate(
+    path: Annotated[Path, typer.Argument(help="A manifest folder or manifest file.", show_default=False)],
+    probe: Annotated[str, typer.Option(help="header (fast) or decode (every file fully decoded).")] = "header",
+    workers: Annotated[int, typer.Option(help="Parallel probes; 0 = automatic.")] = 0,
+    problems_file: Annotated[
+        Path | None, typer.Option("--problems", help="Write each problem as a JSON line here.", show_default=False)
+    ] = None,
+) -> None:
+    """Re-check an existing manifest against its audio (e.g. after files moved). Exit code 1 when any record no
+    longer holds (missing_file, undecodable_audio, audio_changed)."""
+    import json
+
+    from diva.manifests.prepare import validate_manifest
+    from diva.manifests.store import ManifestError
+
+    counts = {"kept": 0, "rejected": 0}
+    with _row_progress("checking") as bar:
+        task = bar.add_task("check", total=None, **counts)
+
+        def progress(problem) -> None:
+            counts["kept" if problem is None else "rejected"] += 1
+            bar.update(task, advance=1, **counts)
+
+        try:
+            report = validate_manifest(path, probe, workers, progress)  # type: ignore[arg-type]
+        except ManifestError as e:
+            raise _fail(str(e)) from e
+    for problem in report.problems[:20]:
+        out.print(f"{problem.id}: {problem.reason}: {problem.detail}")
+    if len(report.problems) > 20:
+        out.print(f"... and {len(report.problems) - 20} more")
+    if problems_file:
+        with open(problems_file, "w", encoding="utf-8") as f:
+            for problem in report.problems:
+                f.write(json.dumps(problem.to_json(), ensure_ascii=False) + "\n")
+    out.print(f"{report.checked} records checked, {len(report.problems)} problems")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 # --- diva info -----------------------------------------------------------------------------------

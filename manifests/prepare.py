@@ -6,11 +6,11 @@ from __future__ import annotations
 import datetime
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from diva import __version__
 from diva.manifests.importers.base import ImportOptions, Row
@@ -19,6 +19,8 @@ from diva.manifests.record import Reason, Reject, Utterance
 from diva.manifests.store import ManifestWriter, read_stats
 from diva.manifests.validate import ValidationOptions, validate
 
+T = TypeVar("T")
+R = TypeVar("R")
 Importer = Callable[[Path, ImportOptions], Iterator[Row]]
 
 
@@ -41,29 +43,41 @@ class ImportResult:
     stats: dict[str, Any]
 
 
-def _validated(
-    rows: Iterator[Row], root: Path, corpus: str, options: ValidationOptions, workers: int
-) -> Iterator[Utterance | Reject]:
-    """Validate rows on a thread pool (audio probing is I/O and C code), yielding in input order.
-    Duplicate ids are decided here, in input order: the first occurrence wins."""
-    seen: set[str] = set()
-    in_flight = max(4 * workers, 16)
-    pending: deque[Future | Reject] = deque()
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """`fn` over `items` on a thread pool, results in input order, with a bounded number in flight (so a
+    million-row corpus is never held in memory at once)."""
+    pending: deque[Future[R]] = deque()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for row in rows:
-            if isinstance(row, Reject):
-                pending.append(row)
-            elif row.id in seen:
-                pending.append(Reject(row.where, Reason.DUPLICATE_ID, f"id {row.id} appeared before", row.id))
-            else:
-                seen.add(row.id)
-                pending.append(pool.submit(validate, row, root, corpus, options))
-            while len(pending) > in_flight:
-                item = pending.popleft()
-                yield item.result() if isinstance(item, Future) else item
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= max(4 * workers, 16):
+                yield pending.popleft().result()
         while pending:
-            item = pending.popleft()
-            yield item.result() if isinstance(item, Future) else item
+            yield pending.popleft().result()
+
+
+def _mark_duplicates(rows: Iterable[Row]) -> Iterator[Row]:
+    """A repeated utterance id becomes a Reject, decided in input order: the first occurrence wins."""
+    seen: set[str] = set()
+    for row in rows:
+        if isinstance(row, Reject):
+            yield row
+        elif row.id in seen:
+            yield Reject(row.where, Reason.DUPLICATE_ID, f"id {row.id} appeared before", row.id)
+        else:
+            seen.add(row.id)
+            yield row
+
+
+def _validated(
+    rows: Iterable[Row], root: Path, corpus: str, options: ValidationOptions, workers: int
+) -> Iterator[Utterance | Reject]:
+    """Validate rows on a thread pool (audio probing is I/O and C code that releases the GIL)."""
+
+    def check(row: Row) -> Utterance | Reject:
+        return row if isinstance(row, Reject) else validate(row, root, corpus, options)
+
+    return bounded_map(check, _mark_duplicates(rows), workers)
 
 
 def import_corpus(
@@ -117,3 +131,37 @@ def import_corpus(
         writer.abort()
         raise
     return ImportResult(out_dir, "imported", stats)
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What `validate_manifest` found."""
+
+    checked: int
+    problems: list[Reject]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate_manifest(
+    path: Path,
+    probe: Literal["header", "decode"] = "header",
+    workers: int = 0,
+    progress: Callable[[Reject | None], None] | None = None,
+) -> ValidationReport:
+    """Re-check every record of an existing manifest against its audio (files moved, replaced, truncated)."""
+    from diva.manifests.store import read_manifest
+    from diva.manifests.validate import recheck
+
+    workers = workers or min(8, 4 * (os.cpu_count() or 1))
+    problems: list[Reject] = []
+    checked = 0
+    for result in bounded_map(lambda u: recheck(u, probe), read_manifest(path), workers):
+        checked += 1
+        if result is not None:
+            problems.append(result)
+        if progress:
+            progress(result)
+    return ValidationReport(checked, problems)

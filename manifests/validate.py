@@ -100,3 +100,26 @@ def validate(candidate: Candidate, root: Path, corpus: str, options: ValidationO
         offset_s=candidate.offset_s,
         extras=candidate.extras,
     )
+
+
+def recheck(utt: Utterance, probe_mode: str = "header", tolerance_s: float = 0.05) -> Reject | None:
+    """Re-check one manifest record against its audio (e.g. after files moved): None when it still holds."""
+
+    def problem(reason: Reason, detail: str) -> Reject:
+        return Reject(where=utt.audio, reason=reason, detail=detail, id=utt.id)
+
+    if not os.path.isfile(utt.audio):
+        return problem(Reason.MISSING_FILE, f"{utt.audio} does not exist")
+    candidate = Candidate(id=utt.id, audio=utt.audio, text=utt.text, where=utt.audio, offset_s=utt.offset_s)
+    try:
+        duration, sample_rate, channels = _measure(candidate, probe_mode)
+    except AudioError as e:
+        return problem(Reason.UNDECODABLE_AUDIO, str(e))
+    if sample_rate != utt.sample_rate or channels != utt.channels:
+        return problem(
+            Reason.AUDIO_CHANGED,
+            f"audio is {sample_rate} Hz x {channels} ch; the manifest says {utt.sample_rate} Hz x {utt.channels} ch",
+        )
+    if duration + tolerance_s < utt.duration_s:  # `duration` counts from the offset to the end of the file
+        return problem(Reason.AUDIO_CHANGED, f"audio lasts {duration:.2f} s, the manifest says {utt.duration_s:.2f} s")
+    return None
