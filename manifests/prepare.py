@@ -70,12 +70,12 @@ def _mark_duplicates(rows: Iterable[Row]) -> Iterator[Row]:
 
 
 def _validated(
-    rows: Iterable[Row], root: Path, corpus: str, options: ValidationOptions, workers: int
+    rows: Iterable[Row], roots: tuple[Path, ...], corpus: str, options: ValidationOptions, workers: int
 ) -> Iterator[Utterance | Reject]:
     """Validate rows on a thread pool (audio probing is I/O and C code that releases the GIL)."""
 
     def check(row: Row) -> Utterance | Reject:
-        return row if isinstance(row, Reject) else validate(row, root, corpus, options)
+        return row if isinstance(row, Reject) else validate(row, roots, corpus, options)
 
     return bounded_map(check, _mark_duplicates(rows), workers)
 
@@ -113,10 +113,11 @@ def import_corpus(
 
     root = source if source.is_dir() else source.parent
     options = replace(options, audio_dir=out_dir.resolve() / "audio")
+    roots = (root, options.audio_dir)
     workers = workers or min(8, 4 * (os.cpu_count() or 1))
     writer = ManifestWriter(out_dir)
     try:
-        for item in _validated(importers[kind](source, options), root, kind, validation, workers):
+        for item in _validated(importers[kind](source, options), roots, kind, validation, workers):
             writer.write(item)
             if progress:
                 progress(item)

@@ -19,6 +19,7 @@ class Reason(StrEnum):
     BAD_TEXT = "bad_text"  # undecodable text or control characters
     DUPLICATE_ID = "duplicate_id"
     PATH_ESCAPES_ROOT = "path_escapes_root"  # only with --confine
+    SEGMENT_PAST_END = "segment_past_end"  # a listed offset + duration beyond the end of the audio file
     AUDIO_CHANGED = "audio_changed"  # `diva manifest validate`: the file no longer matches its record
 
 

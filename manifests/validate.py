@@ -42,15 +42,23 @@ def check_text(text: str) -> tuple[Reason, str] | None:
     return None
 
 
-def escapes_root(audio: str, root: Path) -> bool:
-    """True when `audio` resolves (symlinks followed) outside `root`."""
-    real_root = os.path.realpath(root)
+def escapes_root(audio: str, roots: tuple[Path, ...]) -> bool:
+    """True when `audio` resolves (symlinks followed) outside every one of `roots`."""
     real = os.path.realpath(audio)
-    return os.path.commonpath([real_root, real]) != real_root
+    for root in roots:
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real_root, real]) == real_root:
+            return False
+    return True
+
+
+class SegmentPastEnd(ValueError):
+    """A listed offset + duration that runs past the end of the audio file."""
 
 
 def _measure(candidate: Candidate, mode: str) -> tuple[float, int, int]:
-    """(duration_s, sample_rate, channels) of the candidate's audio, from the header or a full decode."""
+    """(duration_s, sample_rate, channels) of the candidate's audio, from the header or a full decode.
+    A duration the corpus lists is trusted, within a tolerance of the file's real length."""
     info = probe(candidate.audio)
     if mode == "decode":
         samples, _ = load_audio(candidate.audio, target_rate=None)
@@ -59,13 +67,22 @@ def _measure(candidate: Candidate, mode: str) -> tuple[float, int, int]:
         file_duration = info.duration_s
     if candidate.duration_s is not None:
         duration = candidate.duration_s  # a segment, or a duration the corpus lists
+        end = candidate.offset_s + duration
+        if end > file_duration + max(0.1, 0.01 * file_duration):  # mp3 headers and ms roundings differ a little
+            raise SegmentPastEnd(
+                f"offset {candidate.offset_s:.2f} s + duration {duration:.2f} s runs past the end "
+                f"of {candidate.audio} ({file_duration:.2f} s)"
+            )
     else:
         duration = max(0.0, file_duration - candidate.offset_s)
     return duration, info.sample_rate, info.channels
 
 
-def validate(candidate: Candidate, root: Path, corpus: str, options: ValidationOptions) -> Utterance | Reject:
-    """Check one candidate; never raises for bad data (that becomes a Reject)."""
+def validate(
+    candidate: Candidate, roots: tuple[Path, ...], corpus: str, options: ValidationOptions
+) -> Utterance | Reject:
+    """Check one candidate; never raises for bad data (that becomes a Reject). `roots` are the folders audio
+    may live in under --confine (the corpus, and the folder the import writes extracted audio to)."""
 
     def reject(reason: Reason, detail: str) -> Reject:
         return Reject(where=candidate.where, reason=reason, detail=detail, id=candidate.id)
@@ -74,14 +91,16 @@ def validate(candidate: Candidate, root: Path, corpus: str, options: ValidationO
     problem = check_text(candidate.text)
     if problem:
         return reject(*problem)
-    if options.confine and escapes_root(candidate.audio, root):
-        return reject(Reason.PATH_ESCAPES_ROOT, f"{candidate.audio} resolves outside {root}")
+    if options.confine and escapes_root(candidate.audio, roots):
+        return reject(Reason.PATH_ESCAPES_ROOT, f"{candidate.audio} resolves outside {roots[0]}")
     if not os.path.isfile(candidate.audio):
         return reject(Reason.MISSING_FILE, f"{candidate.audio} does not exist")
     try:
         duration, sample_rate, channels = _measure(candidate, options.probe)
     except AudioError as e:
         return reject(Reason.UNDECODABLE_AUDIO, str(e))
+    except SegmentPastEnd as e:
+        return reject(Reason.SEGMENT_PAST_END, str(e))
     if duration <= 0 or duration < options.min_duration_s:
         return reject(Reason.TOO_SHORT, f"{duration:.3f} s < minimum {options.min_duration_s} s")
     if options.max_duration_s and duration > options.max_duration_s:
