@@ -35,11 +35,16 @@ manifest_app = typer.Typer(
     help="Corpus manifests: import an ASR corpus into one clean manifest plus an account of every row left out.",
     no_args_is_help=True,
 )
+cache_app = typer.Typer(
+    help="The teacher cache: run the text LLM once over every transcript; sharded Parquet + WebDataset.",
+    no_args_is_help=True,
+)
 corpus_app = typer.Typer(help="Generate corpora (the demo's synthetic speech).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(manifest_app, name="manifest")
 app.add_typer(corpus_app, name="corpus")
+app.add_typer(cache_app, name="cache")
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -351,6 +356,124 @@ def manifest_validate(
     out.print(f"{report.checked} records checked, {len(report.problems)} problems")
     if not report.ok:
         raise typer.Exit(1)
+
+
+# --- diva cache ------------------------------------------------------------------------------------
+
+
+@cache_app.command("build")
+def cache_build(
+    manifest: Annotated[
+        Path, typer.Argument(help="A manifest folder (diva manifest import) or file.", show_default=False)
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Cache folder to write.", show_default=False)],
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="Teacher LLM (default: models.llm of the config): embedded name, folder or cached HF id.",
+            show_default=False,
+        ),
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="hf, vllm or naive (default: cache.backend of the config).", show_default=False)
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    worker: Annotated[int, typer.Option(help="This worker's number (0-based) when the plan is split.")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="How many workers split the shard plan (shard k -> worker k mod n).")
+    ] = 1,
+) -> None:
+    """Run the teacher once over every transcript of MANIFEST and write OUT: shards/NNNNN.parquet + .tar, then
+    index.json last. Re-running skips complete shards; a killed build resumes and ends byte-identical."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from diva.config import ConfigError, load_config, save_config, to_dict
+    from diva.teacher_cache.build import build_cache
+    from diva.teacher_cache.index import CacheError
+    from diva.teacher_cache.prompt import PromptError
+    from diva.zoo.resolve import ModelNotFound, resolve_model
+
+    extra = list(overrides or [])
+    if teacher:
+        extra.append(f"models.llm={teacher}")
+    if backend:
+        extra.append(f"cache.backend={backend}")
+    try:
+        cfg = load_config(config, extra)
+        teacher_dir = resolve_model(cfg.models.llm)
+    except (ConfigError, ModelNotFound) as e:
+        raise _fail(str(e)) from e
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(f"shards (worker {worker}/{workers})", total=None)
+        try:
+            result = build_cache(
+                manifest, out_dir, teacher_dir, cfg.cache, cfg.runtime, worker, workers, to_dict(cfg),
+                lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+        except (CacheError, PromptError, FileNotFoundError, ValueError) as e:
+            raise _fail(str(e)) from e
+    save_config(cfg, out_dir / f"config.worker{worker}.yaml", made_by="diva cache build")
+    rate = (
+        f"{result.utterances / result.seconds:.1f} utt/s, {result.tokens / result.seconds:.0f} tokens/s"
+        if result.utterances
+        else ""
+    )
+    out.print(
+        f"{len(result.written)} shards written, {len(result.skipped)} already complete; "
+        f"{result.utterances} utterances, {result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s {rate}"
+    )
+    out.print(
+        f"index: {out_dir / 'index.json'}"
+        if result.index_written
+        else "index not written yet: other shards are unfinished"
+    )
+
+
+@cache_app.command("index")
+def cache_index(cache_dir: Annotated[Path, typer.Argument(help="The cache folder.", show_default=False)]) -> None:
+    """Write index.json once every shard is complete (after a build split across workers)."""
+    from diva.teacher_cache.index import CacheError, index_cache
+
+    try:
+        index = index_cache(cache_dir)
+    except CacheError as e:
+        raise _fail(str(e)) from e
+    out.print(f"index: {cache_dir / 'index.json'} ({index['rows']} rows in {len(index['shards'])} shards)")
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: Annotated[Path, typer.Argument(help="The cache folder.", show_default=False)]) -> None:
+    """Re-check checksums, row counts, tensor shapes and finiteness, and audio decodability. Exit code 1 on problems."""
+    from diva.teacher_cache.index import CacheError
+    from diva.teacher_cache.verify import verify_cache
+
+    try:
+        report = verify_cache(cache_dir)
+    except CacheError as e:
+        raise _fail(str(e)) from e
+    for problem in report.problems[:20]:
+        out.print(problem)
+    out.print(f"{report.shards} shards, {report.rows} rows checked, {len(report.problems)} problems")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@cache_app.command("inspect")
+def cache_inspect(cache_dir: Annotated[Path, typer.Argument(help="The cache folder.", show_default=False)]) -> None:
+    """Print a summary: rows, shards, bytes per utterance, percentiles of transcript tokens N, the fingerprint."""
+    import json
+
+    from diva.teacher_cache.index import CacheError
+    from diva.teacher_cache.verify import inspect_cache
+
+    try:
+        summary = inspect_cache(cache_dir)
+    except CacheError as e:
+        raise _fail(str(e)) from e
+    out.print(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
 # --- diva info -----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from diva import __version__
-from diva.audio import AudioError, load_audio, probe
+from diva.audio import RAW_SUFFIXES, AudioError, load_audio, probe
 from diva.config import CacheConfig, RuntimeConfig
 from diva.manifests.record import Utterance
 from diva.teacher_cache.index import (
@@ -63,11 +63,13 @@ class BuildResult:
 
 
 def _segment_bytes(utt: Utterance) -> tuple[bytes, str, float]:
-    """(audio bytes, extension, offset inside them): the original file, or a cut-out FLAC for a segment of
-    a longer recording (so a one-hour recording is not stored once per segment)."""
+    """(audio bytes, extension, offset inside them): the original file, or a FLAC of just the utterance for a
+    segment of a longer recording (so a one-hour recording is not stored once per segment) and for headerless
+    PCM (which no reader could decode without being told its format)."""
     ext = Path(utt.audio).suffix.lstrip(".").lower() or "bin"
     info = probe(utt.audio)
-    if utt.offset_s == 0 and utt.duration_s >= info.duration_s - 0.05:
+    headerless = f".{ext}" in RAW_SUFFIXES
+    if not headerless and utt.offset_s == 0 and utt.duration_s >= info.duration_s - 0.05:
         return Path(utt.audio).read_bytes(), ext, 0.0
     import soundfile as sf
 
@@ -124,7 +126,9 @@ def _check_plan(out_dir: Path, plan_record: dict[str, Any]) -> None:
     if path.is_file():
         existing = json.loads(path.read_text(encoding="utf-8"))
         if existing != plan_record:
-            changed = sorted(k for k in plan_record if existing.get(k) != plan_record[k])
+            changed = sorted(k for k in plan_record if k != "fingerprint" and existing.get(k) != plan_record[k])
+            old_fp, new_fp = existing.get("fingerprint", {}), plan_record["fingerprint"]
+            changed += sorted(f"fingerprint.{k}" for k in new_fp if old_fp.get(k) != new_fp[k])
             raise CacheError(
                 f"{out_dir} holds a cache built with other settings ({', '.join(changed)} differ); "
                 "use a new folder, or delete this one to rebuild"
@@ -160,7 +164,10 @@ def build_cache(
     table = embedding_table(teacher_dir)
     fingerprint = fingerprint_of(teacher_dir, prompt, cfg, int(table.shape[1]), manifest_sha256(manifest))
     plan = ShardPlan(rows=count_rows(manifest), shard_size=cfg.shard_size)
-    _check_plan(out_dir, {"fingerprint": fingerprint, "rows": plan.rows, "shard_size": plan.shard_size})
+    _check_plan(
+        out_dir,
+        {"fingerprint": fingerprint, "prompt": prompt.to_json(), "rows": plan.rows, "shard_size": plan.shard_size},
+    )
     shard_dir = out_dir / SHARDS
     shard_dir.mkdir(parents=True, exist_ok=True)
     if cfg.embeddings == "shared":

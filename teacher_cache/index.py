@@ -114,3 +114,13 @@ def read_index(cache_dir: Path) -> dict[str, Any]:
         raise CacheError(f"{path} not found{hint}")
     return json.loads(path.read_text(encoding="utf-8"))
 
+
+def index_cache(cache_dir: Path, provenance: dict | None = None) -> dict:
+    """(Re)write index.json from plan.json and the complete shards: `diva cache index` after a split build."""
+    plan_path = Path(cache_dir) / PLAN_FILE
+    if not plan_path.is_file():
+        raise CacheError(f"{plan_path} not found: {cache_dir} is not a cache being built")
+    record = json.loads(plan_path.read_text(encoding="utf-8"))
+    plan = ShardPlan(rows=record["rows"], shard_size=record["shard_size"])
+    made = {"made_by": f"diva {__version__}", "host": os.uname().nodename, **(provenance or {})}
+    return write_index(Path(cache_dir), record["fingerprint"], plan, made, PromptSpec.from_json(record["prompt"]))

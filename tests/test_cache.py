@@ -1,0 +1,215 @@
+"""The teacher cache end to end on real clips with the tiny random teacher (hf backend): stored tensors equal
+a direct transformers forward, kill-and-resume and split builds are byte-identical, readers need no project
+code, verify finds damage."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from diva.config import load_config
+from diva.manifests.importers.base import ImportOptions
+from diva.manifests.prepare import import_corpus
+from diva.teacher_cache.build import build_cache
+from diva.teacher_cache.index import CacheError, read_index
+from diva.teacher_cache.read import open_table, stream_samples
+from diva.teacher_cache.verify import inspect_cache, verify_cache
+
+
+@pytest.fixture(scope="module")
+def manifest(speech_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A manifest of the English clips with transcripts (LibriSpeech, LibriVox, CMU, digits...)."""
+    base = tmp_path_factory.mktemp("cache-manifest")
+    with open(speech_dir / "transcripts.tsv", encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r["language"] == "en"]
+    rows = [r for r in rows if r["transcript"]][:22]
+    table = base / "clips.tsv"
+    lines = ["path\ttext"] + [f"{speech_dir / r['file']}\t{r['transcript']}" for r in rows]
+    table.write_text("\n".join(lines) + "\n")
+    import_corpus("tsv", table, base / "m", ImportOptions())
+    return base / "m"
+
+
+def _cfg(**cache):
+    cfg = load_config("tiny", [f"cache.{k}={v}" for k, v in cache.items()])
+    return cfg
+
+
+def _shard_bytes(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((cache / "shards").iterdir()) if not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def clean_cache(manifest: Path, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "cache"
+    cfg = _cfg()
+    result = build_cache(manifest, out, tiny_llama, cfg.cache, cfg.runtime)
+    assert result.index_written and result.utterances == 22
+    return out
+
+
+def test_stored_tensors_equal_a_direct_forward(clean_cache: Path, tiny_llama: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    index = read_index(clean_cache)
+    prefix, suffix = index["prompt"]["prefix_ids"], index["prompt"]["suffix_ids"]
+    assert tok.decode(prefix) == index["prompt"]["prefix_text"]
+    table = open_table(clean_cache).to_pylist()
+    assert len(table) == index["rows"] == 22
+    weight = model.get_input_embeddings().weight.detach().numpy()
+    worst = 0.0
+    for row in table:
+        ids = tok(row["text"], add_special_tokens=False).input_ids
+        assert row["text_ids"] == ids and row["n_tokens"] == len(ids)
+        assert row["prefix_ids"] == prefix and row["suffix_ids"] == suffix
+        with torch.no_grad():
+            out = model(torch.tensor([prefix + ids + suffix]), output_hidden_states=True)
+        direct = out.hidden_states[-1][0, -1].numpy()
+        worst = max(worst, float(np.abs(np.array(row["h_t"], dtype=np.float32) - direct).max()))
+        np.testing.assert_array_equal(np.array(row["embeddings"], dtype=np.float32), weight[ids])
+    assert worst <= 1e-5, worst
+    samples = {s["id"]: s for s in stream_samples(clean_cache, shuffle=False)}
+    assert set(samples) == {r["id"] for r in table}
+    first = table[0]
+    np.testing.assert_array_equal(samples[first["id"]]["h_t"], np.array(first["h_t"], dtype=np.float32))
+    assert Path(first["audio"]).read_bytes() == samples[first["id"]]["audio"]
+
+
+def test_readers_need_no_project_code(clean_cache: Path) -> None:
+    code = f"""
+import datasets, webdataset, glob, json
+files = sorted(glob.glob("{clean_cache}/shards/*.parquet"))
+ds = datasets.load_dataset("parquet", data_files=files, split="train")
+tars = sorted(glob.glob("{clean_cache}/shards/*.tar"))
+samples = list(webdataset.WebDataset(tars, shardshuffle=False))
+print(json.dumps({{"rows": len(ds), "h_t": len(ds[0]["h_t"]), "samples": len(samples),
+                   "members": sorted(k for k in samples[0] if not k.startswith("__"))}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["rows"] == summary["samples"] == 22 and summary["h_t"] == 128
+    assert {"json", "h_t.npy.zst", "text_ids.npy.zst", "emb.npy.zst"} <= set(summary["members"])
+
+
+def _cli_build(manifest: Path, out: Path, teacher: Path, *extra: str, fault: str | None = None):
+    env = {**os.environ, "DIVA_CACHE_FAULT": fault or ""}
+    cmd = [sys.executable, "-m", "diva.cli", "cache", "build", str(manifest), "-o", str(out), "--teacher", str(teacher),
+           "-c", "tiny", *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_killed_builds_resume_byte_identical(manifest, tiny_llama, clean_cache, tmp_path: Path) -> None:
+    expected = _shard_bytes(clean_cache)
+    for fault in ("after_shard:1", "mid_shard:2", "before_index"):
+        out = tmp_path / fault.replace(":", "-")
+        died = _cli_build(manifest, out, tiny_llama, fault=fault)
+        assert died.returncode == 17, died.stderr
+        assert not (out / "index.json").exists()
+        resumed = _cli_build(manifest, out, tiny_llama)
+        assert resumed.returncode == 0, resumed.stderr
+        assert _shard_bytes(out) == expected, fault
+
+
+@pytest.mark.slow
+def test_a_real_kill_9_resumes_byte_identical(manifest, tiny_llama, clean_cache, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "diva.cli", "cache", "build", str(manifest), "-o", str(out), "--teacher",
+           str(tiny_llama), "-c", "tiny", "--backend", "naive", "--set", "cache.shard_size=2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while (
+        time.time() < deadline and not list((out / "shards").glob("00002.json")) if (out / "shards").exists() else True
+    ):
+        if proc.poll() is not None or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "index.json").exists(), "the build finished before it could be killed"
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tmp_path / "reference"
+    cfg = _cfg(shard_size=2, backend="naive")
+    build_cache(manifest, reference, tiny_llama, cfg.cache, cfg.runtime)
+    assert _shard_bytes(out) == _shard_bytes(reference)
+
+
+def test_two_workers_equal_one_worker(manifest, tiny_llama, clean_cache, tmp_path: Path) -> None:
+    cfg = _cfg()
+    out = tmp_path / "split"
+    first = build_cache(manifest, out, tiny_llama, cfg.cache, cfg.runtime, worker=1, workers=2)
+    assert not first.index_written and first.written == [1, 3, 5]
+    second = build_cache(manifest, out, tiny_llama, cfg.cache, cfg.runtime, worker=0, workers=2)
+    assert second.index_written and second.written == [0, 2, 4]
+    assert _shard_bytes(out) == _shard_bytes(clean_cache)
+    assert read_index(out)["fingerprint"] == read_index(clean_cache)["fingerprint"]
+
+
+def test_rerun_skips_and_other_settings_are_refused(manifest, tiny_llama, clean_cache, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    shutil.copytree(clean_cache, out)
+    cfg = _cfg()
+    again = build_cache(manifest, out, tiny_llama, cfg.cache, cfg.runtime)
+    assert again.written == [] and len(again.skipped) == 6
+    other = _cfg(dtype="float16")
+    with pytest.raises(CacheError, match="dtype"):
+        build_cache(manifest, out, tiny_llama, other.cache, other.runtime)
+
+
+def test_shared_embeddings_and_16_bit_storage(manifest, tiny_llama, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from diva.teacher_cache.write import from_stored
+
+    cfg = _cfg(dtype="bfloat16", embeddings="shared")
+    build_cache(manifest, tmp_path / "c", tiny_llama, cfg.cache, cfg.runtime)
+    table = from_stored(load_file(str(tmp_path / "c" / "embeddings.safetensors"))["embeddings"], "bfloat16")
+    weight = AutoModelForCausalLM.from_pretrained(tiny_llama).get_input_embeddings().weight.detach().numpy()
+    np.testing.assert_allclose(table, weight, rtol=1e-2, atol=1e-3)  # bf16: 8 bits of mantissa
+    sample = next(iter(stream_samples(tmp_path / "c", shuffle=False)))
+    assert "embeddings" not in sample and sample["h_t"].dtype == np.float32
+    assert "embeddings" not in open_table(tmp_path / "c").column_names
+
+
+def test_verify_and_inspect(clean_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    shutil.copytree(clean_cache, out)
+    report = verify_cache(out)
+    assert report.ok and report.rows == 22, report.problems
+    summary = inspect_cache(out)
+    assert summary["rows"] == 22 and summary["shards"] == 6 and summary["text_tokens_percentiles"]["p50"] > 0
+    tar = out / "shards" / "00003.tar"
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    bad = verify_cache(out)
+    assert not bad.ok and "00003.tar: sha256 differs" in bad.problems[0]
+
+
+def test_audio_gone_since_the_manifest_is_rejected_with_its_reason(manifest, tiny_llama, tmp_path: Path) -> None:
+    import gzip
+
+    moved = tmp_path / "m"
+    shutil.copytree(manifest, moved)
+    records = [json.loads(line) for line in gzip.open(moved / "manifest.jsonl.gz", "rt")]
+    records[3]["audio"] = str(tmp_path / "gone.wav")
+    with gzip.open(moved / "manifest.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    cfg = _cfg()
+    build_cache(moved, tmp_path / "c", tiny_llama, cfg.cache, cfg.runtime)
+    index = read_index(tmp_path / "c")
+    assert index["rows"] == 21 and index["rejected"] == 1
+    assert index["rejects"][0]["reason"] == "audio_unreadable" and index["rejects"][0]["id"] == records[3]["id"]
