@@ -358,6 +358,62 @@ def manifest_validate(
         raise typer.Exit(1)
 
 
+# --- diva corpus -----------------------------------------------------------------------------------
+
+
+@corpus_app.command("synth")
+def corpus_synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the Common Voice-layout corpus.", show_default=False)],
+    train_size: Annotated[int, typer.Option(help="Utterances in train.tsv.")] = 2000,
+    dev_size: Annotated[int, typer.Option(help="Held-out utterances in dev.tsv.")] = 100,
+    test_size: Annotated[int, typer.Option(help="Held-out utterances in test.tsv.")] = 200,
+    voices: Annotated[
+        str, typer.Option(help="Comma-separated flite voices (see `flite -lv`); kal is less clear.")
+    ] = "slt,rms,awb",
+    speeds: Annotated[str, typer.Option(help="Comma-separated speaking speeds (1.0 = flite's own).")] = "0.85,1.0,1.2",
+    seed: Annotated[int, typer.Option(help="Picks the sentences; the held-out template space is fixed.")] = 0,
+    workers: Annotated[int, typer.Option(help="Clips synthesized at once; 0 = the CPU count.")] = 0,
+    sample_rate: Annotated[int, typer.Option(help="Hz of the mono MP3 clips.")] = 32000,
+    wer_sample: Annotated[int, typer.Option(help="Clips transcribed with Whisper to measure the corpus WER.")] = 60,
+    whisper: Annotated[
+        str, typer.Option(help="Whisper model for the WER check (embedded name, folder or cached HF id).")
+    ] = "whisper-tiny.en",
+    no_wer: Annotated[bool, typer.Option("--no-wer", help="Skip the WER measurement.")] = False,
+) -> None:
+    """Generate the demo's speech corpus offline with flite: voice-assistant-style questions, requests and
+    statements, several voices and speeds, held-out dev/test sentences that share no template-and-filler
+    combination with train. Written as a Common Voice folder (clips/*.mp3, train/dev/test.tsv,
+    clip_durations.tsv) plus synth_stats.json with the WER Whisper gets on a sample. Resumable."""
+    from diva.manifests.synth import SynthError, SynthOptions, synthesize_corpus
+    from diva.zoo.resolve import ModelNotFound, resolve_model
+
+    try:
+        options = SynthOptions(
+            train_size=train_size, dev_size=dev_size, test_size=test_size,
+            voices=tuple(v.strip() for v in voices.split(",") if v.strip()),
+            speeds=tuple(float(x) for x in speeds.split(",") if x.strip()),
+            seed=seed, workers=workers, wer_sample=wer_sample, sample_rate=sample_rate,
+        )  # fmt: skip
+        whisper_dir = None if no_wer else resolve_model(whisper)
+    except (ValueError, ModelNotFound) as e:
+        raise _fail(str(e)) from e
+    with console.status("synthesizing ...") as status:
+        try:
+            stats = synthesize_corpus(out_dir, options, whisper_dir, progress=lambda msg: status.update(msg))
+        except (SynthError, ValueError) as e:
+            raise _fail(str(e)) from e
+    if stats.get("status") == "present":
+        out.print(f"{out_dir}: already synthesized with these options (nothing to do)")
+    wer = stats.get("wer", {})
+    if wer.get("measured"):
+        overall = wer["overall"]
+        voices = ", ".join(f"{v} {s['wer']:.1%}" for v, s in wer["per_voice"].items())
+        wer_text = f"Whisper WER {overall['wer']:.1%} on {overall['utterances']} clips ({voices})"
+    else:
+        wer_text = "WER not measured"
+    out.print(f"corpus: {out_dir} ({wer_text}); stats: {out_dir / 'synth_stats.json'}")
+
+
 # --- diva cache ------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,516 @@
+"""`diva corpus synth`: the demo's speech corpus, spoken by flite voices and written as a Common Voice
+language folder (clips/*.mp3, train/dev/test.tsv, clip_durations.tsv), so the demo goes through the same
+importer real users use.
+
+Clips are named by a hash of what they hold (text, voice, speed, sample rate), written under a temporary
+name and renamed, so an interrupted run resumes where it stopped and never reuses a clip made for other
+options. The tables and synth_stats.json are written last: a folder without synth_stats.json is not finished.
+A sample of the clips, stratified over voices and speeds, is transcribed with Whisper to measure how
+intelligible the voices are (word error rate through `diva.wer`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from diva import __version__
+from diva.manifests.sentences import SPLITS, Sentence, draw_sentences
+
+CV_COLUMNS = (
+    "client_id",
+    "path",
+    "sentence_id",
+    "sentence",
+    "sentence_domain",
+    "up_votes",
+    "down_votes",
+    "age",
+    "gender",
+    "accents",
+    "variant",
+    "locale",
+    "segment",
+)
+LOCALE = "en"
+STATS = "synth_stats.json"
+UTTERANCES = "synth_utterances.jsonl"  # per clip: split, template, fillers, voice, speed
+CLIP_FORMAT = 1  # part of every clip's name: bump when the same inputs would give different audio
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+MAX_TOKENS = 96  # transcript tokens per clip: a sentence needs < 40; caps a hallucination loop
+PEAK = 0.89  # about -1 dBFS: headroom for resampling and MP3 overshoot
+# What Common Voice's gender and accents columns would say of each flite voice.
+VOICE_FACTS = {
+    "slt": ("female_feminine", "United States English"),
+    "rms": ("male_masculine", "United States English"),
+    "awb": ("male_masculine", "Scottish English"),
+    "kal": ("male_masculine", "United States English"),
+    "kal16": ("male_masculine", "United States English"),
+}
+
+Progress = Callable[[str], None]
+
+
+class SynthError(RuntimeError):
+    """Synthesis cannot run or failed (flite missing, an unknown voice, a clip flite could not speak)."""
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """What `synthesize_corpus` makes. Every field but `workers` is part of the corpus's identity."""
+
+    train_size: int = 2000  # utterances in train.tsv
+    dev_size: int = 100  # utterances in dev.tsv (held out: no template-and-filler combination of train)
+    test_size: int = 200  # utterances in test.tsv (held out, like dev)
+    # flite voices (`flite -lv`), used in turn. Left out: kal/kal16 (Whisper tiny.en WER ~24%), awb_time (clock
+    # times only)
+    voices: tuple[str, ...] = ("slt", "rms", "awb")
+    # speaking rates (1.0 = the voice's own; 1.2 = 20% faster), flite's duration_stretch = 1 / speed
+    speeds: tuple[float, ...] = (0.85, 1.0, 1.2)
+    seed: int = 0  # picks the sentences (the train/dev/test regions of the template space are fixed)
+    workers: int = 0  # clips synthesized at once (each runs a flite process); 0 = the CPU count
+    wer_sample: int = 60  # clips transcribed with Whisper to measure WER (stratified over voices and speeds)
+    sample_rate: int = 32_000  # Hz of the mono MP3 clips (recent Common Voice releases ship 32 kHz MP3)
+
+    def __post_init__(self) -> None:
+        for name in ("train_size", "dev_size", "test_size", "workers", "wer_sample"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.voices or len(set(self.voices)) != len(self.voices):
+            raise ValueError(f"voices must be a non-empty list without repeats, got {list(self.voices)}")
+        if not self.speeds or len(set(self.speeds)) != len(self.speeds):
+            raise ValueError(f"speeds must be a non-empty list without repeats, got {list(self.speeds)}")
+        if any(not 0.5 <= s <= 2.0 for s in self.speeds):
+            raise ValueError(f"speeds must lie in [0.5, 2.0], got {list(self.speeds)}")
+        if self.sample_rate not in MP3_RATES:
+            raise ValueError(f"sample_rate {self.sample_rate} cannot be written as MP3; choose one of {MP3_RATES}")
+
+    def identity(self) -> dict[str, Any]:
+        """The options that decide the corpus's content (JSON-ready)."""
+        data = asdict(self)
+        del data["workers"]
+        return json.loads(json.dumps(data))
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One utterance to speak: its sentence, its voice and speed, and the file it goes to."""
+
+    split: str
+    sentence: Sentence
+    voice: str
+    speed: float
+    sample_rate: int
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        key = f"{CLIP_FORMAT}\x1f{self.voice}\x1f{self.speed:g}\x1f{self.sample_rate}\x1f{self.sentence.text}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+        object.__setattr__(self, "name", f"diva_synth_{LOCALE}_{digest}.mp3")
+
+
+# --- planning ----------------------------------------------------------------------------------------------
+
+
+def plan_clips(options: SynthOptions) -> list[Clip]:
+    """Every clip of the corpus, split by split. Voices and speeds go in turn, so each split holds every
+    (voice, speed) pair about equally often."""
+    sizes = {"train": options.train_size, "dev": options.dev_size, "test": options.test_size}
+    drawn = draw_sentences(sizes, options.seed)
+    n_voices = len(options.voices)
+    clips = []
+    for split in SPLITS:
+        for i, sentence in enumerate(drawn[split]):
+            voice = options.voices[i % n_voices]
+            speed = options.speeds[(i // n_voices) % len(options.speeds)]
+            clips.append(Clip(split, sentence, voice, speed, options.sample_rate))
+    return clips
+
+
+def client_id(voice: str) -> str:
+    """A stable Common Voice-like client id (128 hex digits) for a voice."""
+    return hashlib.sha512(f"diva-synth/flite/{voice}".encode()).hexdigest()
+
+
+def sentence_id(text: str) -> str:
+    """Common Voice's sentence id: the SHA-256 of the sentence."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- flite -------------------------------------------------------------------------------------------------
+
+
+def flite_voices() -> list[str]:
+    """The voices the installed flite offers; raises SynthError when flite is missing."""
+    if shutil.which("flite") is None:
+        raise SynthError("flite not found on PATH; install it (Debian/Ubuntu: apt-get install flite; `make install`)")
+    listing = subprocess.run(["flite", "-lv"], capture_output=True, text=True, check=True).stdout
+    return listing.split(":", 1)[-1].split()
+
+
+def flite_version() -> str:
+    out = subprocess.run(["flite", "--version"], capture_output=True, text=True).stdout
+    return next((line.split("version:", 1)[1].strip() for line in out.splitlines() if "version:" in line), "unknown")
+
+
+def check_voices(voices: Sequence[str]) -> None:
+    """Every voice must be one flite offers (or a .flitevox file)."""
+    available = flite_voices()
+    unknown = [v for v in voices if v not in available and not Path(v).is_file()]
+    if unknown:
+        raise SynthError(f"flite has no voice {', '.join(unknown)}; it offers {', '.join(available)}")
+
+
+def speak(text: str, voice: str, speed: float) -> tuple[np.ndarray, int]:
+    """flite's waveform for `text` (float32 mono, flite's own rate)."""
+    command = ["flite", "-voice", voice, "--setf", f"duration_stretch={1 / speed:.4f}", "-t", text, "-o", "/dev/stdout"]
+    result = subprocess.run(command, capture_output=True)
+    if result.returncode != 0 or not result.stdout:
+        detail = result.stderr.decode(errors="replace").strip()
+        raise SynthError(f"flite -voice {voice} failed on {text!r} (exit {result.returncode}): {detail}")
+    samples, rate = sf.read(io.BytesIO(result.stdout), dtype="float32")
+    if samples.size == 0:
+        raise SynthError(f"flite -voice {voice} gave no audio for {text!r}")
+    return samples, rate
+
+
+def render_clip(text: str, voice: str, speed: float, sample_rate: int, dest: str) -> int:
+    """Speak `text` into the MP3 `dest` (temporary name, then renamed); returns its duration in ms."""
+    from diva.audio import resample
+
+    samples, rate = speak(text, voice, speed)
+    samples = resample(samples, rate, sample_rate)
+    peak = float(np.abs(samples).max())
+    if peak > PEAK:
+        samples = samples * (PEAK / peak)  # lower the level rather than clip
+    part = f"{dest}.part-{os.getpid()}-{threading.get_ident()}"
+    sf.write(part, samples, sample_rate, format="MP3")
+    frames = sf.info(part).frames
+    os.replace(part, dest)
+    return round(1000 * frames / sample_rate)
+
+
+# --- synthesis ---------------------------------------------------------------------------------------------
+
+
+def _remove_partials(clips_dir: Path) -> None:
+    """Temporary files an interrupted run left behind."""
+    for part in clips_dir.glob("*.mp3.part-*"):
+        part.unlink(missing_ok=True)
+
+
+def _existing_durations(clips: Sequence[Clip], clips_dir: Path) -> dict[str, int]:
+    """Durations (ms) of the clips already on disk, from their headers."""
+    durations = {}
+    for clip in clips:
+        path = clips_dir / clip.name
+        if path.is_file():
+            durations[clip.name] = round(1000 * sf.info(str(path)).frames / clip.sample_rate)
+    return durations
+
+
+def synthesize_clips(clips: Sequence[Clip], clips_dir: Path, workers: int, progress: Progress | None) -> dict:
+    """Speak every clip not yet on disk, `workers` at a time. Returns {"durations_ms", "synthesized", "reused"}."""
+    clips_dir.mkdir(parents=True, exist_ok=True)
+    _remove_partials(clips_dir)
+    durations = _existing_durations(clips, clips_dir)
+    todo = {clip.name: clip for clip in clips if clip.name not in durations}.values()
+    reused = len(durations)
+    if todo:
+        # Threads, not processes: the work runs in flite subprocesses and in soxr/libsndfile calls that release
+        # the GIL (2 threads give 2x on 2 cores), and a thread pool needs no `__main__` guard in callers.
+        pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+        try:
+            futures = {
+                pool.submit(render_clip, c.sentence.text, c.voice, c.speed, c.sample_rate, str(clips_dir / c.name)): c
+                for c in todo
+            }
+            for done, future in enumerate(as_completed(futures), start=1):
+                durations[futures[future].name] = future.result()
+                if progress:
+                    progress(f"synthesized {done}/{len(futures)} clips")
+        finally:
+            pool.shutdown(cancel_futures=True)  # on an error, drop the clips not started
+    return {"durations_ms": durations, "synthesized": len(todo), "reused": reused}
+
+
+# --- word error rate ---------------------------------------------------------------------------------------
+
+
+def wer_sample(clips: Sequence[Clip], size: int, seed: int) -> list[Clip]:
+    """Up to `size` clips taken in turn from each (voice, speed) group, each group shuffled by the seed."""
+    groups: dict[tuple[str, float], list[Clip]] = defaultdict(list)
+    for clip in clips:
+        groups[(clip.voice, clip.speed)].append(clip)
+    rng = random.Random(f"diva-synth-wer:{seed}")
+    queues = [rng.sample(groups[key], len(groups[key])) for key in sorted(groups)]
+    sample: list[Clip] = []
+    while len(sample) < size and any(queues):
+        for queue in queues:
+            if queue and len(sample) < size:
+                sample.append(queue.pop())
+    return sample
+
+
+def transcribe(
+    paths: Sequence[Path], whisper_dir: Path, batch_size: int = 16, progress: Progress | None = None
+) -> list[str]:
+    """Greedy float32 Whisper transcripts of audio files, in batches."""
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from diva.audio import load_audio
+
+    model = WhisperForConditionalGeneration.from_pretrained(whisper_dir, dtype=torch.float32).eval()
+    processor = WhisperProcessor.from_pretrained(whisper_dir)
+    texts: list[str] = []
+    for start in range(0, len(paths), batch_size):
+        audio = [load_audio(p)[0] for p in paths[start : start + batch_size]]
+        features = processor(audio, sampling_rate=16_000, return_tensors="pt").input_features  # (B, 80, 3000)
+        with torch.inference_mode():
+            tokens = model.generate(features, do_sample=False, num_beams=1, max_new_tokens=MAX_TOKENS)
+        texts += [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
+        if progress:
+            progress(f"transcribed {len(texts)}/{len(paths)} clips for WER")
+    return texts
+
+
+def _score(refs: list[str], hyps: list[str]) -> dict[str, Any]:
+    from diva.wer import word_errors
+
+    errors = word_errors(refs, hyps)
+    return {
+        "wer": round(errors.wer, 4),
+        "errors": errors.errors,
+        "ref_words": errors.ref_words,
+        "utterances": errors.utterances,
+    }
+
+
+def _model_facts(whisper_dir: Path) -> dict[str, Any]:
+    """What identifies the Whisper model: its folder and, for a `diva models fetch` folder, its source."""
+    facts: dict[str, Any] = {"path": str(whisper_dir)}
+    record = whisper_dir / "diva_source.json"
+    if record.is_file():
+        source = json.loads(record.read_text())
+        facts["name"] = source.get("name")
+        facts["model_sha256"] = source.get("files", {}).get("model.safetensors", {}).get("sha256")
+    return facts
+
+
+def measure_wer(
+    clips: Sequence[Clip], clips_dir: Path, whisper_dir: Path, options: SynthOptions, progress: Progress | None
+) -> dict[str, Any]:
+    """WER of a stratified sample of the clips, overall, per voice and per speed."""
+    started = time.perf_counter()
+    sample = wer_sample(clips, options.wer_sample, options.seed)
+    hyps = transcribe([clips_dir / c.name for c in sample], whisper_dir, progress=progress)
+    refs = [c.sentence.text for c in sample]
+    by_voice, by_speed = defaultdict(list), defaultdict(list)
+    for i, clip in enumerate(sample):
+        by_voice[clip.voice].append(i)
+        by_speed[f"{clip.speed:g}"].append(i)
+
+    def score(indices: list[int]) -> dict[str, Any]:
+        return _score([refs[i] for i in indices], [hyps[i] for i in indices])
+
+    return {
+        "measured": True,
+        "model": _model_facts(whisper_dir),
+        "decoding": "greedy, float32",
+        "normaliser": "diva.wer (Whisper's English normaliser)",
+        "overall": score(list(range(len(sample)))),
+        "per_voice": {voice: score(ix) for voice, ix in sorted(by_voice.items())},
+        "per_speed": {speed: score(ix) for speed, ix in sorted(by_speed.items())},
+        "sample": [
+            {"path": c.name, "voice": c.voice, "speed": c.speed, "reference": r, "hypothesis": h}
+            for c, r, h in zip(sample, refs, hyps, strict=True)
+        ],
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+
+
+# --- tables ------------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_text(text, encoding="utf-8")
+    os.replace(part, path)
+
+
+def _tsv(rows: list[Sequence[str]]) -> str:
+    """Tab-separated lines, unquoted (Common Voice's format): no field may hold a tab or a line break."""
+    for row in rows:
+        for value in row:
+            if any(c in value for c in "\t\r\n"):
+                raise SynthError(f"a TSV field holds a tab or line break: {value!r}")
+    return "".join("\t".join(row) + "\n" for row in rows)
+
+
+def _cv_row(clip: Clip) -> list[str]:
+    gender, accents = VOICE_FACTS.get(clip.voice, ("", ""))
+    text = clip.sentence.text
+    values = {
+        "client_id": client_id(clip.voice),
+        "path": clip.name,
+        "sentence_id": sentence_id(text),
+        "sentence": text,
+        "up_votes": "2",
+        "down_votes": "0",
+        "gender": gender,
+        "accents": accents,
+        "locale": LOCALE,
+    }
+    return [values.get(column, "") for column in CV_COLUMNS]
+
+
+def write_tables(out_dir: Path, clips: Sequence[Clip], durations_ms: dict[str, int]) -> None:
+    """train/dev/test.tsv, clip_durations.tsv and synth_utterances.jsonl, each under a temporary name."""
+    for split in SPLITS:
+        rows = [list(CV_COLUMNS)] + [_cv_row(c) for c in clips if c.split == split]
+        _write_atomic(out_dir / f"{split}.tsv", _tsv(rows))
+    durations = [["clip", "duration[ms]"]] + [[c.name, str(durations_ms[c.name])] for c in clips]
+    _write_atomic(out_dir / "clip_durations.tsv", _tsv(durations))
+    records = [
+        {
+            "path": c.name,
+            "split": c.split,
+            "sentence": c.sentence.text,
+            "template": c.sentence.template,
+            "kind": c.sentence.kind,
+            "fillers": list(c.sentence.fillers),
+            "voice": c.voice,
+            "speed": c.speed,
+        }
+        for c in clips
+    ]
+    _write_atomic(out_dir / UTTERANCES, "".join(json.dumps(r) + "\n" for r in records))
+
+
+# --- the job -----------------------------------------------------------------------------------------------
+
+
+def read_synth_stats(out_dir: Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / STATS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _is_complete(out_dir: Path, options: SynthOptions, whisper_dir: Path | None) -> dict[str, Any] | None:
+    """The stats of a finished corpus made with these options, its clips all present; else None."""
+    stats = read_synth_stats(out_dir)
+    if stats is None or stats.get("options") != options.identity():
+        return None
+    if whisper_dir is not None and not stats["wer"]["measured"]:
+        return None  # finished without a WER, and a model is given now
+    durations = out_dir / "clip_durations.tsv"
+    if not durations.is_file():
+        return None
+    names = [line.split("\t", 1)[0] for line in durations.read_text(encoding="utf-8").splitlines()[1:]]
+    if not all((out_dir / "clips" / name).is_file() for name in names):
+        return None
+    return stats
+
+
+def _tools(wer: dict[str, Any]) -> dict[str, str]:
+    import soxr
+
+    tools = {
+        "flite": flite_version(),
+        "libsndfile": sf.__libsndfile_version__,
+        "soundfile": sf.__version__,
+        "soxr": soxr.__version__,
+        "numpy": np.__version__,
+    }
+    if wer["measured"]:
+        import torch
+        import transformers
+
+        tools |= {"torch": torch.__version__, "transformers": transformers.__version__}
+    return tools
+
+
+def _counts(clips: Sequence[Clip], durations_ms: dict[str, int]) -> dict[str, Any]:
+    seconds = Counter()
+    for clip in clips:
+        seconds[clip.split] += durations_ms[clip.name] / 1000
+    return {
+        "splits": {split: sum(c.split == split for c in clips) for split in SPLITS},
+        "voices": dict(Counter(c.voice for c in clips)),
+        "speeds": {f"{s:g}": n for s, n in sorted(Counter(c.speed for c in clips).items())},
+        "kinds": dict(Counter(c.sentence.kind for c in clips)),
+        "templates": len({c.sentence.template for c in clips}),
+        "seconds": {split: round(seconds[split], 2) for split in SPLITS} | {"total": round(sum(seconds.values()), 2)},
+    }
+
+
+def _voice_facts(voices: Sequence[str]) -> dict[str, dict[str, str]]:
+    facts = {}
+    for voice in voices:
+        gender, accents = VOICE_FACTS.get(voice, ("", ""))
+        facts[voice] = {"engine": "flite", "client_id": client_id(voice), "gender": gender, "accents": accents}
+    return facts
+
+
+def synthesize_corpus(
+    out_dir: Path, options: SynthOptions, whisper_dir: Path | None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Make (or finish) the synthetic Common Voice folder `out_dir`; returns the stats it writes to
+    synth_stats.json, plus `status`: "synthesized", or "present" when a finished corpus with the same
+    options was there already (then nothing is done). `whisper_dir` None skips the WER measurement."""
+    out_dir = Path(out_dir)
+    present = _is_complete(out_dir, options, whisper_dir)
+    if present is not None:
+        return present | {"status": "present"}
+    started = time.perf_counter()
+    check_voices(options.voices)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / STATS).unlink(missing_ok=True)  # a folder being rebuilt must not look finished
+    clips = plan_clips(options)
+    clips_dir = out_dir / "clips"
+    synth = synthesize_clips(clips, clips_dir, options.workers, progress)
+    synth_s = time.perf_counter() - started
+    if whisper_dir is not None and options.wer_sample > 0:
+        wer = measure_wer(clips, clips_dir, Path(whisper_dir), options, progress)
+    else:
+        reason = "no Whisper model given" if whisper_dir is None else "wer_sample is 0"
+        wer = {"measured": False, "reason": reason}
+    write_tables(out_dir, clips, synth["durations_ms"])
+    names = {c.name for c in clips}
+    stats = {
+        "made_by": f"diva {__version__}",
+        "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "layout": "commonvoice",
+        "locale": LOCALE,
+        "audio": f"mp3, {options.sample_rate} Hz, mono",
+        "options": options.identity(),
+        "counts": _counts(clips, synth["durations_ms"]),
+        "clips": {
+            "synthesized": synth["synthesized"],
+            "reused": synth["reused"],
+            "unreferenced": sum(1 for p in clips_dir.glob("*.mp3") if p.name not in names),
+        },
+        "wall_s": {"synthesis": round(synth_s, 2), "total": round(time.perf_counter() - started, 2)},
+        "wer": wer,
+        "voices": _voice_facts(options.voices),
+        "tools": _tools(wer),
+    }
+    _write_atomic(out_dir / STATS, json.dumps(stats, indent=2) + "\n")
+    return stats | {"status": "synthesized"}
