@@ -88,7 +88,7 @@ cache: install
 	@test -n "$(MANIFEST)" -a -n "$(OUT)" || { echo "usage: make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]"; exit 2; }
 	$(BIN)/diva cache build $(MANIFEST) -o $(OUT) -c $(CONFIG) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(BACKEND),--backend $(BACKEND))
 
-test: install
+test: install install-vllm
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -38,11 +38,21 @@ def _platform_device(device: str) -> torch.device:
     """The device vLLM will run on; vLLM's installed build picks it, so `device` can only confirm it."""
     from vllm.platforms import current_platform
 
+    if not current_platform.device_type:
+        raise RuntimeError("vLLM found no platform to run on (neither a GPU nor a CPU build); use the hf backend")
     platform = torch.device(current_platform.device_type)
-    if device != "auto" and torch.device(device).type != platform.type:
+    if device == "auto":
+        return platform
+    wanted = torch.device(device)
+    if wanted.type != platform.type:
         raise ValueError(
             f"runtime.device '{device}' was asked for, but the installed vLLM build runs on {platform.type}; "
             f"use runtime.device=auto or {platform.type}, or the hf backend"
+        )
+    if wanted.index not in (None, 0):
+        raise ValueError(
+            f"the vllm backend runs on the first visible {platform.type} device; to use '{device}', "
+            f"set CUDA_VISIBLE_DEVICES={wanted.index} and runtime.device={platform.type}"
         )
     return platform
 
