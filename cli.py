@@ -4,6 +4,7 @@ library function; only this module sets up logging, progress display and exit co
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -79,6 +80,9 @@ def main(
         out.print(f"diva {__version__}")
         raise typer.Exit(0)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # transformers' own per-load progress bars and advice drown diva's progress display
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 # --- diva models ---------------------------------------------------------------------------------
