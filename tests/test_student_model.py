@@ -1,0 +1,350 @@
+"""The student model, its losses and features, on tiny random models: freeze flags and the trainable count,
+Q-Former initialisation, loss parity with direct computations, the N >= Q rule, prefix-KV reuse, trimmed mel,
+cached encoder outputs, and h_S against a direct transformers forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diva.config import ConfigError
+from diva.student.features import encoder_frames_for, log_mel
+from diva.student.losses import align_loss, combined_loss, distill_loss, kl_loss
+from diva.student.model import (
+    DiVAStudent,
+    MLPAdapter,
+    QFormer,
+    StudentConfig,
+    pad_encoder_outputs,
+    pooling_weights,
+    trainable_parameter_count,
+    whisper_encode,
+)
+
+Q = 8
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny_llama: Path):
+    from transformers import AutoTokenizer
+
+    from diva.teacher_cache.prompt import build_prompt
+
+    return build_prompt(AutoTokenizer.from_pretrained(tiny_llama))
+
+
+@pytest.fixture(scope="module")
+def whisper(tiny_whisper: Path):
+    from transformers import WhisperModel
+
+    return WhisperModel.from_pretrained(tiny_whisper).eval()
+
+
+@pytest.fixture(scope="module")
+def feature_extractor(tiny_whisper: Path):
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor.from_pretrained(tiny_whisper)
+
+
+def make_student(tiny_whisper: Path, tiny_llama: Path, prompt, **cfg_fields) -> DiVAStudent:
+    torch.manual_seed(0)
+    cfg = StudentConfig(num_queries=Q, **cfg_fields)
+    return DiVAStudent.from_pretrained_parts(tiny_whisper, tiny_llama, prompt, cfg)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_whisper: Path, tiny_llama: Path, prompt) -> DiVAStudent:
+    return make_student(tiny_whisper, tiny_llama, prompt, kl_weight=1.0)
+
+
+def waveforms(*seconds: float) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    t = [np.arange(int(s * 16000)) / 16000 for s in seconds]
+    return [(0.3 * np.sin(2 * np.pi * 220 * x) + 0.05 * rng.standard_normal(len(x))).astype(np.float32) for x in t]
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- freeze flags and trainable counts ---------------------------------------------------------------
+
+
+def test_trainable_parameters_are_queries_qformer_and_projection(student: DiVAStudent, whisper) -> None:
+    d_w, d_llm = whisper.config.d_model, student.projection.out_features
+    decoder = whisper.decoder
+    expected = (
+        Q * d_w  # query vectors
+        + Q * d_w  # decoder position rows used by the Q queries
+        + n_params(decoder.layers)
+        + n_params(decoder.layer_norm)
+        + d_w * d_llm
+        + d_llm  # projection with bias
+    )
+    assert trainable_parameter_count(student) == expected
+    assert not any(p.requires_grad for p in student.encoder.parameters())
+    assert not any(p.requires_grad for p in student.llm.parameters())
+    assert not any(p.requires_grad for p in student.lm_head.parameters())
+    trainable = {name.split(".")[0] for name, p in student.named_parameters() if p.requires_grad}
+    assert trainable == {"adapter", "projection"}
+    assert set(student.trainable_state_dict()) == {n for n, p in student.named_parameters() if p.requires_grad}
+
+
+def test_mlp_adapter_trains_only_its_linear_and_the_projection(
+    tiny_whisper, tiny_llama, prompt, whisper, feature_extractor
+) -> None:
+    student = make_student(tiny_whisper, tiny_llama, prompt, adapter="mlp")
+    d_w, d_llm = whisper.config.d_model, student.projection.out_features
+    assert isinstance(student.adapter, MLPAdapter)
+    assert trainable_parameter_count(student) == (d_w * d_w + d_w) + (d_w * d_llm + d_llm)
+    assert student.lm_head is None  # kl_weight 0: no lm_head kept
+    out = student(*log_mel(waveforms(1.0, 2.0), feature_extractor, trim=True))
+    assert out.audio_tokens.shape == (2, Q, d_llm)
+
+
+def test_frozen_parts_stay_in_eval_mode(student: DiVAStudent) -> None:
+    student.train()
+    assert student.adapter.training and student.projection.training
+    assert not student.encoder.training and not student.llm.training
+    student.eval()
+
+
+def test_reuse_prefix_kv_refuses_a_trainable_llm(student: DiVAStudent, tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with pytest.raises(ValueError, match="frozen LLM"):
+        DiVAStudent(student.encoder, student.adapter, student.projection, llm, (1,), (2,), llm_trainable=True)
+
+
+# --- Q-Former initialisation --------------------------------------------------------------------------
+
+
+def test_qformer_starts_from_the_whisper_decoder(student: DiVAStudent, whisper) -> None:
+    qformer = student.adapter
+    assert isinstance(qformer, QFormer)
+    decoder_state = whisper.decoder.layers.state_dict()
+    for name, value in qformer.layers.state_dict().items():
+        assert torch.equal(value, decoder_state[name]), name
+    assert torch.equal(qformer.layer_norm.weight, whisper.decoder.layer_norm.weight)
+    assert torch.equal(qformer.positions, whisper.decoder.embed_positions.weight[:Q])
+    assert qformer.queries.shape == (Q, whisper.config.d_model)
+    assert 0.01 < qformer.queries.std().item() < 0.03  # N(0, 0.02^2)
+
+
+def test_qformer_random_is_not_the_whisper_decoder(tiny_whisper, tiny_llama, prompt, whisper) -> None:
+    student = make_student(tiny_whisper, tiny_llama, prompt, adapter="qformer_random")
+    layers, decoder_layers = student.adapter.layers.state_dict(), whisper.decoder.layers.state_dict()
+    assert layers.keys() == decoder_layers.keys()
+    assert not torch.equal(layers["0.fc1.weight"], decoder_layers["0.fc1.weight"])
+    assert not torch.equal(student.adapter.positions, whisper.decoder.embed_positions.weight[:Q])
+    assert trainable_parameter_count(student) == trainable_parameter_count(
+        make_student(tiny_whisper, tiny_llama, prompt)
+    )
+
+
+def test_qformer_refuses_more_queries_than_decoder_positions(whisper) -> None:
+    with pytest.raises(ValueError, match="positions"):
+        QFormer.from_whisper_decoder(whisper.decoder, whisper.config.max_target_positions + 1)
+
+
+def test_qformer_self_attention_is_causal(student: DiVAStudent, whisper) -> None:
+    encoder_out = torch.randn(1, 10, whisper.config.d_model)
+    qformer = student.adapter
+    with torch.no_grad():
+        base = qformer(encoder_out)
+        saved = qformer.queries[-1].clone()
+        qformer.queries[-1] += 1.0  # the last query changes: earlier outputs must not
+        changed = qformer(encoder_out)
+        qformer.queries[-1] = saved
+    torch.testing.assert_close(changed[:, :-1], base[:, :-1])
+    assert not torch.allclose(changed[:, -1], base[:, -1])
+
+
+# --- losses against direct computations ---------------------------------------------------------------
+
+
+def test_distill_loss_is_the_mean_euclidean_norm() -> None:
+    h_s, h_t = torch.randn(3, 5), torch.randn(3, 5)
+    direct = sum(torch.sqrt(((h_s[b] - h_t[b]) ** 2).sum()) for b in range(3)) / 3
+    torch.testing.assert_close(distill_loss(h_s, h_t), direct)
+
+
+def test_align_loss_uses_the_last_n_audio_tokens() -> None:
+    v = torch.randn(2, 6, 4)
+    targets = [torch.randn(2, 4), torch.randn(5, 4)]
+    terms = [torch.linalg.norm(v[0, 4 + n] - targets[0][n]) for n in range(2)]  # v_{Q-N+n}, 1-based n
+    terms += [torch.linalg.norm(v[1, 1 + n] - targets[1][n]) for n in range(5)]
+    loss, stats = align_loss(v, targets)
+    torch.testing.assert_close(loss, torch.stack(terms).mean())  # mean over all (b, n), not of row means
+    assert (stats.rows, stats.aligned, stats.pairs, stats.skipped, stats.truncated) == (2, 2, 7, 0, 0)
+
+
+def test_long_transcripts_are_skipped_or_truncated_and_counted() -> None:
+    v = torch.randn(3, 4, 2)
+    targets = [torch.randn(2, 2), torch.randn(4, 2), torch.randn(9, 2)]  # N = 2 < Q; N = Q; N > Q
+    loss, stats = align_loss(v, targets, "skip")
+    direct = torch.stack([torch.linalg.norm(v[0, 2 + n] - targets[0][n]) for n in range(2)]).mean()
+    torch.testing.assert_close(loss, direct)
+    assert (stats.aligned, stats.skipped, stats.truncated, stats.pairs) == (1, 2, 0, 2)
+
+    loss, stats = align_loss(v, targets, "truncate")
+    terms = [torch.linalg.norm(v[0, 2 + n] - targets[0][n]) for n in range(2)]
+    for row in (1, 2):  # the last Q - 1 = 3 tokens against v_2..v_4: v_Q still meets t_N
+        kept = targets[row][-3:]
+        terms += [torch.linalg.norm(v[row, 1 + n] - kept[n]) for n in range(3)]
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    assert (stats.aligned, stats.skipped, stats.truncated, stats.pairs) == (3, 0, 2, 8)
+
+
+def test_align_loss_with_every_row_skipped_is_a_connected_zero() -> None:
+    v = torch.randn(1, 2, 3, requires_grad=True)
+    loss, stats = align_loss(v, [torch.randn(5, 3)], "skip")
+    loss.backward()
+    assert loss.item() == 0.0 and stats.skipped == 1 and v.grad is not None
+
+
+def test_kl_loss_is_teacher_to_student_kl() -> None:
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(4, 7, bias=False)
+    h_s, h_t = torch.randn(2, 4), torch.randn(2, 4)
+    p_t, p_s = lm_head(h_t).softmax(-1), lm_head(h_s).softmax(-1)
+    direct = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    torch.testing.assert_close(kl_loss(h_s, h_t, lm_head), direct)
+
+
+def test_combined_loss_weights_and_ablations(student: DiVAStudent) -> None:
+    from diva.student.model import StudentOutput
+
+    out = StudentOutput(h_s=torch.randn(2, 6), audio_tokens=torch.randn(2, 4, 6))
+    h_t, targets = torch.randn(2, 6), [torch.randn(2, 6), torch.randn(3, 6)]
+    distill, align = distill_loss(out.h_s, h_t), align_loss(out.audio_tokens, targets)[0]
+    both = combined_loss(out, h_t, targets, StudentConfig(distill_weight=0.5, align_weight=2.0))
+    torch.testing.assert_close(both.total, 0.5 * distill + 2.0 * align)
+    assert both.align_stats is not None and both.align_stats.pairs == 5
+    distill_only = combined_loss(out, h_t, None, StudentConfig(align_weight=0.0))
+    assert set(distill_only.parts) == {"distill"} and distill_only.align_stats is None
+    align_only = combined_loss(out, h_t, targets, StudentConfig(distill_weight=0.0))
+    assert set(align_only.parts) == {"align"}
+    with pytest.raises(ValueError, match="lm_head"):
+        combined_loss(out, h_t, targets, StudentConfig(kl_weight=1.0))
+
+
+def test_student_config_checks() -> None:
+    with pytest.raises(ConfigError, match="num_queries"):
+        StudentConfig(num_queries=0)
+    with pytest.raises(ConfigError, match="nothing would train"):
+        StudentConfig(distill_weight=0.0, align_weight=0.0)
+    with pytest.raises(ConfigError, match="long_text"):
+        StudentConfig(long_text="drop")  # type: ignore[arg-type]
+
+
+# --- the LLM side -------------------------------------------------------------------------------------
+
+
+def test_h_s_equals_a_direct_transformers_forward(student: DiVAStudent, tiny_llama: Path, prompt) -> None:
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    v = torch.randn(2, Q, llm.config.hidden_size)
+    with torch.no_grad():
+        h_s = student.last_hidden(v)
+        embed = llm.get_input_embeddings()
+        prefix = embed(torch.tensor(prompt.prefix_ids))[None].expand(2, -1, -1)
+        suffix = embed(torch.tensor(prompt.suffix_ids))[None].expand(2, -1, -1)
+        inputs = torch.cat([prefix, v, suffix], dim=1)
+        direct = llm.model(inputs_embeds=inputs).last_hidden_state[:, -1]
+        logits = llm(inputs_embeds=inputs).logits[:, -1]
+    torch.testing.assert_close(h_s, direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(llm.lm_head(h_s), logits, atol=1e-4, rtol=1e-4)  # h_S is the lm_head input
+
+
+def test_prefix_kv_reuse_matches_the_plain_forward(student: DiVAStudent, whisper) -> None:
+    encoder_out = torch.randn(3, 12, whisper.config.d_model)
+    results = []
+    for reuse in (True, False):
+        student.reuse_prefix_kv = reuse
+        student.zero_grad()
+        h_s = student(encoder_out=encoder_out).h_s
+        (h_s * torch.linspace(-1, 1, h_s.shape[-1])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+        results.append((h_s.detach(), grads))
+    student.reuse_prefix_kv = True
+    (h_reuse, g_reuse), (h_plain, g_plain) = results
+    torch.testing.assert_close(h_reuse, h_plain, atol=1e-5, rtol=1e-5)
+    assert g_reuse.keys() == g_plain.keys() and "projection.weight" in g_reuse and "adapter.queries" in g_reuse
+    for name in g_reuse:
+        torch.testing.assert_close(g_reuse[name], g_plain[name], atol=1e-5, rtol=1e-4, msg=name)
+    student.zero_grad()
+
+
+# --- encoder, trimming and features -------------------------------------------------------------------
+
+
+def test_padded_encoder_call_equals_whisper_encoder(student: DiVAStudent, whisper, feature_extractor) -> None:
+    features, frames = log_mel(waveforms(1.5), feature_extractor, trim=False)
+    assert features.shape[-1] == 3000 and frames.tolist() == [3000]
+    with torch.no_grad():
+        reference = whisper.encoder(features).last_hidden_state
+    ours = student.encode_audio(features, frames)
+    assert not ours.requires_grad
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_trimmed_encoder_runs_and_ignores_the_batch(student: DiVAStudent, feature_extractor) -> None:
+    audio = waveforms(1.0, 2.5)
+    features, frames = log_mel(audio, feature_extractor, trim=True)
+    assert frames.tolist() == [100, 250] and features.shape[-1] == 250
+    batched = student.encode_audio(features, frames)
+    assert batched.shape == (2, 125, student.encoder.config.d_model)
+    # The same mel frames encoded alone, trimmed to their own length: masking makes the batch irrelevant.
+    # (log_mel of the clip alone differs in its last frame: the STFT reflects the signal past its end.)
+    alone = student.encode_audio(features[:1, :, :100], frames[:1])  # (1, 50, d_w)
+    torch.testing.assert_close(batched[:1, :50], alone, atol=1e-5, rtol=1e-5)
+    out = student(features, frames)
+    assert out.h_s.shape == (2, student.projection.out_features) and torch.isfinite(out.h_s).all()
+
+
+def test_cached_encoder_outputs_give_the_same_student_pass(student: DiVAStudent, feature_extractor) -> None:
+    features, frames = log_mel(waveforms(0.8, 2.0), feature_extractor, trim=True)
+    with torch.no_grad():
+        direct = student(features, frames).h_s
+        encoded = student.encode_audio(features, frames)
+        per_utterance = [encoded[b, :n] for b, n in enumerate(encoder_frames_for(frames).tolist())]
+        padded, lengths = pad_encoder_outputs(per_utterance[::-1])  # another batch order and padding
+        cached = student(encoder_out=padded, encoder_lengths=lengths).h_s.flip(0)
+    torch.testing.assert_close(cached, direct, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trim", [False, True])
+def test_log_mel_matches_the_numpy_feature_path(feature_extractor, trim: bool) -> None:
+    audio = waveforms(0.7, 1.3)
+    features, frames = log_mel(audio, feature_extractor, trim=trim)
+    width = features.shape[-1]
+    padded = np.zeros((2, width * feature_extractor.hop_length), dtype=np.float32)
+    for row, wave in enumerate(audio):
+        padded[row, : len(wave)] = wave
+    reference = feature_extractor._np_extract_fbank_features(padded, "cpu")
+    np.testing.assert_allclose(features.numpy(), reference, atol=1e-3)
+    assert frames.tolist() == ([3000, 3000] if trim is False else [70, 130])
+
+
+def test_log_mel_refuses_audio_past_30_s(feature_extractor) -> None:
+    with pytest.raises(ValueError, match="30 s"):
+        log_mel([np.zeros(16000 * 31, dtype=np.float32)], feature_extractor, trim=True)
+
+
+def test_whisper_encode_refuses_odd_widths(student: DiVAStudent) -> None:
+    with pytest.raises(ValueError, match="even"):
+        whisper_encode(student.encoder, torch.zeros(1, 80, 101))
+
+
+def test_pooling_weights_average_each_items_own_frames() -> None:
+    weights = pooling_weights(torch.tensor([10, 3]), width=10, num_windows=4)  # (2, 4, 10)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4))
+    assert (weights[1, :, 3:] == 0).all()  # item 1 has 3 frames: nothing past them
+    assert weights[0, 0].nonzero().flatten().tolist() == [0, 1, 2]  # frames [0, 2.5) rounded outward
