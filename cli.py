@@ -301,7 +301,7 @@ def manifest_import(
         f"{stats['rows_read']} rows read: {stats['kept']} kept ({stats['hours']:.2f} h, {stats['speakers']} speakers), "
         f"{stats['rejected']} rejected {stats['rejected_by_reason'] or ''}"
     )
-    out.print(f"written: {out_dir}/manifest.jsonl.gz, rejects.jsonl, stats.json")
+    out.print(f"files: {out_dir}/manifest.jsonl.gz, rejects.jsonl, stats.json")
 
 
 @manifest_app.command("stats")
