@@ -31,6 +31,7 @@ from diva.teacher_cache.index import (
     CacheError,
     embedding_table,
     fingerprint_of,
+    read_index,
     write_index,
     write_shared_embeddings,
 )
@@ -140,6 +141,18 @@ def _check_plan(out_dir: Path, plan_record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _index_is_current(out_dir: Path, fingerprint: dict[str, Any]) -> bool:
+    """A finished index for this fingerprint already lists the shards now on disk (nothing to re-index)."""
+    try:
+        index = read_index(out_dir)
+    except (CacheError, json.JSONDecodeError):
+        return False
+    shard_dir = out_dir / SHARDS
+    return index.get("fingerprint") == fingerprint and all(
+        (shard_is_complete(shard_dir, s["shard"]) or {}).get("files") == s["files"] for s in index["shards"]
+    )
+
+
 def build_cache(
     manifest: Path,
     out_dir: Path,
@@ -206,6 +219,8 @@ def build_cache(
     index_written = False
     if all(shard_is_complete(shard_dir, k) is not None for k in range(plan.num_shards)):
         fault_point("before_index")
+        if not written and _index_is_current(out_dir, fingerprint):
+            return BuildResult(out_dir, written, skipped, True, seconds, utterances, tokens, bytes_written)
         provenance = {
             "teacher_path": str(teacher_dir.resolve()), "manifest_path": str(Path(manifest).resolve()),
             "config": resolved_config or {"cache": asdict(cfg), "runtime": asdict(runtime)},

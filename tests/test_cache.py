@@ -162,8 +162,10 @@ def test_rerun_skips_and_other_settings_are_refused(manifest, tiny_llama, clean_
     out = tmp_path / "c"
     shutil.copytree(clean_cache, out)
     cfg = _cfg()
+    index_bytes = (out / "index.json").read_bytes()
     again = build_cache(manifest, out, tiny_llama, cfg.cache, cfg.runtime)
-    assert again.written == [] and len(again.skipped) == 6
+    assert again.written == [] and len(again.skipped) == 6 and again.index_written
+    assert (out / "index.json").read_bytes() == index_bytes  # a finished build is left exactly as it was
     other = _cfg(dtype="float16")
     with pytest.raises(CacheError, match="dtype"):
         build_cache(manifest, out, tiny_llama, other.cache, other.runtime)
