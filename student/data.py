@@ -1,0 +1,206 @@
+"""Cache samples -> training batches, in an order that is a pure function of (seed, epoch).
+
+    tar shards --(seeded shard permutation, seeded in-shard shuffle)--> decoded samples
+               --(group by batch_size)--> audio bytes -> 16 kHz waveforms -> log-mel -> frozen encoder
+               --> Batch(encoder_out (B, T_enc, d_w), lengths (B,), h_t (B, d), targets [(N_b, d)])
+
+A run's place in its data is a `DataPosition` (epoch, samples consumed in that epoch). The order of epoch e is
+fixed by (seed, e) alone, so a resumed run skips exactly the consumed samples: whole shards by the row counts
+in the index (never opened), then the first rows of the shard it stopped in. The in-shard shuffle holds one
+shard in memory (shard_size rows, 1-5k at paper scale).
+
+Distributed runs (a seam, not done here): give each rank the samples whose position in the epoch order is
+congruent to its rank, so the order stays a function of (seed, epoch) and the position stays global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diva.audio import load_audio
+from diva.student.features import encoder_frames_for, log_mel
+from diva.student.model import DiVAStudent, pad_encoder_outputs
+from diva.teacher_cache.index import read_index
+from diva.teacher_cache.read import decode_sample, shard_paths
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a run stands in its data: `consumed` samples of epoch `epoch` are used (0-based epoch)."""
+
+    epoch: int = 0
+    consumed: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class Batch:
+    """One training batch, its tensors on the student's device."""
+
+    ids: list[str]
+    encoder_out: torch.Tensor  # (B, T_enc, d_w) zero-padded frozen-encoder outputs
+    encoder_lengths: torch.Tensor  # (B,) valid encoder frames per row
+    h_t: torch.Tensor  # (B, d_llm) teacher final hidden states, float32
+    targets: list[torch.Tensor]  # B tensors (N_b, d_llm): E(t) of each transcript, float32
+    text_ids: list[tuple[int, ...]]  # B transcripts as token ids
+
+
+# --- order --------------------------------------------------------------------------------------------
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    """A generator that depends only on the seed and the keys (epoch, shard), never on earlier draws."""
+    return np.random.default_rng([seed, *keys])
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The shards of epoch `epoch`, in the order they are read."""
+    if not shuffle:
+        return list(range(num_shards))
+    return [int(k) for k in _rng(seed, epoch).permutation(num_shards)]
+
+
+def row_order(rows: int, seed: int, epoch: int, shard: int, shuffle: bool = True) -> list[int]:
+    """The rows of one shard in epoch `epoch`, in the order they are used."""
+    if not shuffle:
+        return list(range(rows))
+    return [int(k) for k in _rng(seed, epoch, shard + 1).permutation(rows)]
+
+
+def read_shard(path: Path, dtype: str) -> list[dict[str, Any]]:
+    """All decoded samples of one tar shard, in stored order (webdataset's own key grouping)."""
+    import webdataset as wds
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples(handler=wds.reraise_exception))
+    return [decode_sample(s, dtype) for s in pipeline]
+
+
+def epoch_samples(
+    cache_dir: Path, seed: int, epoch: int, skip: int = 0, shuffle: bool = True
+) -> Iterator[dict[str, Any]]:
+    """The samples of one epoch in their (seed, epoch) order, the first `skip` of them left out unread."""
+    index = read_index(cache_dir)
+    dtype = index["fingerprint"]["dtype"]
+    paths = shard_paths(cache_dir, "tar")
+    rows = [s["rows"] for s in index["shards"]]
+    for k in shard_order(len(paths), seed, epoch, shuffle):
+        if skip >= rows[k]:  # the whole shard was consumed: do not even open it
+            skip -= rows[k]
+            continue
+        samples = read_shard(paths[k], dtype)
+        if len(samples) != rows[k]:
+            raise ValueError(f"{paths[k]} holds {len(samples)} samples but the index says {rows[k]}; verify the cache")
+        order = row_order(rows[k], seed, epoch, k, shuffle)
+        for row in order[skip:]:
+            yield samples[row]
+        skip = 0
+
+
+def sample_stream(
+    cache_dir: Path, seed: int, start: DataPosition = DataPosition(), shuffle: bool = True
+) -> Iterator[tuple[dict[str, Any], DataPosition]]:
+    """Endless (sample, position after it) pairs from `start`, epoch after epoch."""
+    total = read_index(cache_dir)["rows"]
+    if total == 0:
+        raise ValueError(f"{cache_dir} holds no rows to train on")
+    epoch, consumed = start.epoch, start.consumed
+    while True:
+        for sample in epoch_samples(cache_dir, seed, epoch, skip=consumed, shuffle=shuffle):
+            consumed += 1
+            yield sample, DataPosition(epoch, consumed) if consumed < total else DataPosition(epoch + 1, 0)
+        epoch, consumed = epoch + 1, 0
+
+
+def batched(
+    stream: Iterator[tuple[dict[str, Any], DataPosition]], batch_size: int
+) -> Iterator[tuple[list[dict[str, Any]], DataPosition]]:
+    """Groups of `batch_size` samples with the position after the group's last one."""
+    group: list[dict[str, Any]] = []
+    for sample, position in stream:
+        group.append(sample)
+        if len(group) == batch_size:
+            yield group, position
+            group = []
+
+
+# --- tensors ------------------------------------------------------------------------------------------
+
+
+def waveform(sample: dict[str, Any]) -> np.ndarray:
+    """The utterance's 16 kHz mono float32 samples from the audio bytes stored in the cache."""
+    meta = sample["meta"]
+    offset = float(meta.get("offset_s") or 0.0)
+    duration = float(meta["duration_s"]) if offset > 0 else None
+    audio, _ = load_audio(sample["audio"], offset_s=offset, duration_s=duration, name=f"x.{sample['audio_ext']}")
+    return audio
+
+
+class EncoderOutputs:
+    """Frozen-encoder outputs per utterance; with `reuse`, each utterance is encoded once and kept in memory.
+
+    The encoder is frozen, so its output for an utterance never changes (METHOD.md section 4: caching it is
+    the biggest CPU saving). Kept on the CPU as (T_b, d_w) tensors keyed by utterance id.
+    """
+
+    def __init__(self, student: DiVAStudent, feature_extractor: Any, trim: bool, reuse: bool) -> None:
+        self.student, self.feature_extractor, self.trim, self.reuse = student, feature_extractor, trim, reuse
+        self.store: dict[str, torch.Tensor] = {}
+
+    def encode(self, samples: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Encoder outputs (T_b, d_w) of samples, batched through log-mel and the encoder."""
+        device = self.student.prefix_ids.device
+        features, frames = log_mel([waveform(s) for s in samples], self.feature_extractor, self.trim)
+        out = self.student.encode_audio(features.to(device), frames.to(device))  # (B, T_enc, d_w)
+        lengths = encoder_frames_for(frames)  # (B,)
+        return [out[b, : int(lengths[b])] for b in range(len(samples))]
+
+    def __call__(self, samples: list[dict[str, Any]]) -> list[torch.Tensor]:
+        if not self.reuse:
+            return self.encode(samples)
+        missing = [s for s in samples if s["id"] not in self.store]
+        if missing:
+            for sample, out in zip(missing, self.encode(missing), strict=True):
+                self.store[sample["id"]] = out.detach().cpu().clone()  # not a view of the batch
+        return [self.store[s["id"]] for s in samples]
+
+
+def alignment_targets(samples: list[dict[str, Any]], student: DiVAStudent) -> list[torch.Tensor]:
+    """E(t) per row (N_b, d): stored per row in the cache, else looked up in the student's LLM embedding table."""
+    targets = []
+    for s in samples:
+        if "embeddings" in s:
+            targets.append(torch.from_numpy(np.asarray(s["embeddings"], dtype=np.float32)))
+        else:
+            ids = torch.from_numpy(np.asarray(s["text_ids"], dtype=np.int64))
+            targets.append(student.token_embeddings(ids).float())
+    return targets
+
+
+def make_batch(samples: list[dict[str, Any]], encoder: EncoderOutputs) -> Batch:
+    """A Batch of decoded cache samples, on the student's device."""
+    device = encoder.student.prefix_ids.device
+    encoder_out, lengths = pad_encoder_outputs([o.to(device) for o in encoder(samples)])  # (B, T_max, d_w), (B,)
+    h_t = torch.from_numpy(np.stack([s["h_t"] for s in samples]).astype(np.float32))  # (B, d_llm)
+    targets = [t.to(device) for t in alignment_targets(samples, encoder.student)]
+    text_ids = [tuple(int(t) for t in s["text_ids"]) for s in samples]
+    return Batch([s["id"] for s in samples], encoder_out, lengths.to(device), h_t.to(device), targets, text_ids)
+
+
+def mean_h_t(cache_dir: Path) -> torch.Tensor:
+    """The mean of h_T over a cache's rows (d,), read from the Parquet shards (no audio is read)."""
+    from diva.teacher_cache.read import open_table
+    from diva.teacher_cache.write import from_stored
+
+    dtype = read_index(cache_dir)["fingerprint"]["dtype"]
+    column = open_table(cache_dir).column("h_t").combine_chunks()
+    d = column.type.list_size
+    values = from_stored(column.flatten().to_numpy(zero_copy_only=False), dtype).reshape(-1, d)  # (rows, d)
+    return torch.from_numpy(values.astype(np.float64).mean(axis=0).astype(np.float32))

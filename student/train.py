@@ -1,0 +1,481 @@
+"""Train the DiVA student on a teacher cache: one recipe function, `train`, over small parts.
+
+    cache index --(fingerprint must match the LLM)--> student built from the index's prompt ids
+    loop for `steps` optimizer steps:
+        grad_accum x [batch -> student -> combined_loss / grad_accum -> backward]
+        clip grad norm -> AdamW step -> LR schedule step (1% linear warm-up, cosine to 0.1 x peak)
+        metrics.jsonl + TensorBoard; held-out eval every eval_every; checkpoint every checkpoint_every
+
+A checkpoint holds the trainable weights (safetensors), the optimizer, scheduler and RNG states and the data
+position (torch.save of tensors and plain types, read back with weights_only=True), written under a temporary
+name and renamed. `resume=True` continues from the latest one and logs the same losses an uninterrupted run
+would (bitwise on CPU, with encoder-output reuse off: reused outputs are computed in whichever batch an
+utterance first appears in, and a different batch shape can round differently).
+
+Seams left for later: DDP (wrap the student, split the stream by rank, reduce metrics), the online-teacher
+mode (compute h_T in `make_batch` instead of reading it), mixing several caches (a stream over streams).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diva.config import ConfigError, RuntimeConfig, doc, save_config
+from diva.runtime import resolve_device, resolve_dtype
+from diva.student.data import (
+    Batch,
+    DataPosition,
+    EncoderOutputs,
+    batched,
+    epoch_samples,
+    make_batch,
+    mean_h_t,
+    sample_stream,
+)
+from diva.student.losses import align_loss, combined_loss, distill_loss, kl_loss
+from diva.student.model import DiVAStudent, StudentConfig
+from diva.teacher_cache.index import CacheError
+from diva.teacher_cache.prompt import PromptSpec
+from diva.teacher_cache.read import check_fingerprint
+from diva.zoo.checksum import weights_checksum
+
+CHECKPOINTS = "checkpoints"
+WEIGHTS_FILE = "trainable.safetensors"
+STATE_FILE = "state.pt"
+INFO_FILE = "checkpoint.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe (METHOD.md section 1) and the run's bookkeeping."""
+
+    steps: int = doc("Optimizer steps to train (the run's length; an epoch is whatever the cache holds).", default=1000)
+    batch_size: int = doc("Utterances per micro-batch.", default=8)
+    grad_accum: int = doc("Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", default=1)
+    lr: float = doc("Peak learning rate (5e-5 in the paper).", default=5e-5)
+    warmup_frac: float = doc("Fraction of the steps spent in the linear warm-up from 0 to the peak.", default=0.01)
+    min_lr_ratio: float = doc("The cosine decay ends at this fraction of the peak LR.", default=0.1)
+    weight_decay: float = doc("AdamW weight decay (decoupled), on every trainable parameter.", default=0.1)
+    betas: tuple[float, float] = doc("AdamW betas.", default=(0.9, 0.999))
+    eps: float = doc("AdamW epsilon.", default=1e-8)
+    grad_clip: float = doc("Clip the global gradient norm to this (0: no clipping; the norm is logged).", default=1.0)
+    seed: int = doc("Seed of the student's initialisation and of the data order (seed, epoch).", default=0)
+    log_every: int = doc("Write training metrics every this many steps.", default=10)
+    eval_every: int = doc("Evaluate on the held-out cache every this many steps (0: only at the end).", default=0)
+    eval_batches: int = doc("Held-out batches per evaluation (0: the whole held-out cache).", default=0)
+    checkpoint_every: int = doc("Checkpoint every this many steps (0: only at the end).", default=0)
+    keep_checkpoints: int = doc("Keep this many latest checkpoints (0: keep all).", default=0)
+    reuse_encoder_outputs: bool = doc(
+        "Encode each utterance once and keep the frozen encoder's output in memory for later epochs.", default=False
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.lr and train.eps must be > 0, weight_decay and grad_clip >= 0")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("train.warmup_frac must be in [0, 1) and train.min_lr_ratio in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two values in [0, 1), got {self.betas}")
+
+
+@dataclass
+class TrainRun:
+    """Everything that made a run: saved as run_dir/config.yaml."""
+
+    cache_dir: str = ""
+    eval_cache_dir: str | None = None
+    whisper_dir: str = ""
+    llm_dir: str = ""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# --- schedule and optimizer ---------------------------------------------------------------------------
+
+
+def lr_factor(step: int, steps: int, warmup_frac: float, min_ratio: float) -> float:
+    """The LR multiplier of (0-based) `step`: linear warm-up to 1, then cosine decay to `min_ratio` at the end."""
+    warmup = max(1, round(warmup_frac * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup - 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(
+    student: nn.Module, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters and its warm-up + cosine schedule."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.steps, cfg.warmup_frac, cfg.min_lr_ratio)
+    )
+    return optimizer, schedule
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+
+def rng_states() -> dict[str, Any]:
+    """The torch RNG states (dropout draws); the data order needs none (it is a function of seed and epoch)."""
+    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    student: DiVAStudent,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    position: DataPosition,
+) -> Path:
+    """checkpoints/step_XXXXXX/ with weights, state and a json, written under a temp name and renamed."""
+    from safetensors.torch import save_file
+
+    final = run_dir / CHECKPOINTS / f"step_{step:06d}"
+    tmp = run_dir / CHECKPOINTS / f".step_{step:06d}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in student.trainable_state_dict().items()}
+    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": rng_states(),
+        "position": position.to_dict(),
+    }
+    torch.save(state, tmp / STATE_FILE)
+    info = {"step": step, "position": position.to_dict(), "files": [WEIGHTS_FILE, STATE_FILE], "tensors": len(weights)}
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    if final.exists():  # a checkpoint of the same step from a run that was resumed before it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (the json is written last, renames are atomic), oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / INFO_FILE).is_file())
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+
+
+def load_checkpoint(
+    path: Path, student: DiVAStudent, optimizer: torch.optim.Optimizer, schedule: Any
+) -> tuple[int, DataPosition]:
+    """Restore weights, optimizer, schedule and RNG from a checkpoint folder; returns (step, data position)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / WEIGHTS_FILE))
+    expected = set(student.trainable_state_dict())
+    if set(weights) != expected:
+        raise CacheError(f"{path}: the checkpoint's tensors do not match this student's trainable parameters")
+    student.load_state_dict(weights, strict=False)
+    state = torch.load(path / STATE_FILE, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    set_rng_states(state["rng"])
+    return int(state["step"]), DataPosition(**state["position"])
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl (one json object per line) and TensorBoard scalars, side by side."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / METRICS_FILE
+        if resume_step is not None and self.path.is_file():  # drop what an interrupted run logged past its checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        split = record.get("split", "train")
+        for key, value in record.items():
+            if isinstance(value, int | float) and key not in ("step", "epoch"):
+                self.writer.add_scalar(f"{split}/{key}", value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --- one step, one evaluation -------------------------------------------------------------------------
+
+
+def train_step(
+    student: DiVAStudent,
+    batches: Iterator[tuple[Batch, DataPosition]],
+    student_cfg: StudentConfig,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+) -> tuple[dict[str, Any], DataPosition]:
+    """grad_accum micro-batches, clipping, one AdamW step; returns the step's metrics and the data position."""
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {"loss": 0.0}
+    counts = {"align_skipped": 0, "align_truncated": 0, "align_empty": 0}
+    lr = schedule.get_last_lr()[0]
+    for _ in range(cfg.grad_accum):
+        batch, position = next(batches)
+        out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths)
+        loss = combined_loss(out, batch.h_t, batch.targets, student_cfg, student.lm_head)
+        (loss.total / cfg.grad_accum).backward()
+        sums["loss"] += float(loss.total.detach()) / cfg.grad_accum
+        for name, part in loss.parts.items():
+            sums[name] = sums.get(name, 0.0) + float(part.detach()) / cfg.grad_accum
+        if loss.align_stats is not None:
+            counts["align_skipped"] += loss.align_stats.skipped
+            counts["align_truncated"] += loss.align_stats.truncated
+            counts["align_empty"] += loss.align_stats.empty
+    params = [p for p in student.parameters() if p.requires_grad]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    optimizer.step()
+    schedule.step()
+    return {**sums, **counts, "lr": lr, "grad_norm": grad_norm}, position
+
+
+def load_lm_head(llm_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The LLM's frozen output layer (eval only: next-token agreement and KL)."""
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+    return llm.get_output_embeddings().to(device).requires_grad_(False)
+
+
+def prediction_scores(h: torch.Tensor, h_t: torch.Tensor, lm_head: nn.Module, prefix: str) -> dict[str, float]:
+    """Sums over rows of ||h - h_T||, cosine, top-1 agreement and KL(p_T || p_h), keys prefixed by `prefix`."""
+    rows = h.shape[0]
+    dtype = next(lm_head.parameters()).dtype
+    top1_h = lm_head(h.to(dtype)).argmax(-1)  # (B,)
+    top1_t = lm_head(h_t.to(dtype)).argmax(-1)  # (B,)
+    return {
+        f"{prefix}distill": float(distill_loss(h, h_t)) * rows,
+        f"{prefix}cosine": float(F.cosine_similarity(h.float(), h_t.float(), dim=-1).sum()),
+        f"{prefix}top1_agree": float((top1_h == top1_t).sum()),
+        f"{prefix}kl": float(kl_loss(h, h_t, lm_head)) * rows,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    student: DiVAStudent, batches: list[Batch], student_cfg: StudentConfig, lm_head: nn.Module, h_t_mean: torch.Tensor
+) -> dict[str, float]:
+    """Held-out scores of the student, of the audio-blind control (each row fed the previous row's audio: the
+    batch rolled by one, scored against the row's own h_T) and of the mean-h_T predictor (the train set's mean
+    h_T as h_S for every row). `blind_same_text` is the fraction of rows whose borrowed audio says the same
+    transcript: the control cannot tell those apart, so a high fraction makes it weak."""
+    was_training = student.training
+    student.eval()
+    sums: dict[str, float] = {}
+    rows = pairs = skipped = truncated = same_text = 0
+
+    def add(scores: dict[str, float]) -> None:
+        for key, value in scores.items():
+            sums[key] = sums.get(key, 0.0) + value
+
+    for batch in batches:
+        out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths)
+        add(prediction_scores(out.h_s, batch.h_t, lm_head, ""))
+        align, stats = align_loss(out.audio_tokens, batch.targets, student_cfg.long_text)
+        add({"align": float(align) * stats.pairs})
+        pairs, skipped, truncated = pairs + stats.pairs, skipped + stats.skipped, truncated + stats.truncated
+        blind = student(encoder_out=batch.encoder_out.roll(1, 0), encoder_lengths=batch.encoder_lengths.roll(1, 0))
+        add(prediction_scores(blind.h_s, batch.h_t, lm_head, "blind_"))
+        same_text += sum(a == b for a, b in zip(batch.text_ids, batch.text_ids[-1:] + batch.text_ids[:-1], strict=True))
+        mean = h_t_mean.to(batch.h_t.device).expand_as(batch.h_t)  # (B, d_llm)
+        add(prediction_scores(mean, batch.h_t, lm_head, "mean_ht_"))
+        rows += batch.h_t.shape[0]
+    student.train(was_training)
+    metrics = {key: value / rows for key, value in sums.items() if key != "align"}
+    metrics["align"] = sums.get("align", 0.0) / pairs if pairs else float("nan")
+    counts = {"rows": rows, "align_skipped": skipped, "align_truncated": truncated}
+    return {**metrics, **counts, "blind_same_text": same_text / rows}
+
+
+def eval_batches(cache_dir: Path, encoder: EncoderOutputs, batch_size: int, limit: int) -> Iterator[Batch]:
+    """The held-out cache in one fixed shuffled order (seed 0, epoch 0: the same at every evaluation; shuffled so
+    that rolling a batch rarely pairs neighbours from one recording session), in batches, the last one smaller."""
+    group: list[dict[str, Any]] = []
+    made = 0
+    for sample in epoch_samples(cache_dir, seed=0, epoch=0):
+        group.append(sample)
+        if len(group) == batch_size:
+            yield make_batch(group, encoder)
+            group, made = [], made + 1
+            if limit and made >= limit:
+                return
+    if group:
+        yield make_batch(group, encoder)
+
+
+@dataclass
+class HeldOut:
+    """The periodic held-out evaluation: a cache, its encoder outputs (kept), the lm_head and the mean h_T."""
+
+    cache_dir: Path
+    encoder: EncoderOutputs
+    lm_head: nn.Module
+    h_t_mean: torch.Tensor  # (d_llm,) the TRAIN cache's mean h_T
+    batch_size: int
+    limit: int  # batches per evaluation, 0: all
+
+    def __call__(self, student: DiVAStudent, student_cfg: StudentConfig) -> dict[str, float]:
+        batches = list(eval_batches(self.cache_dir, self.encoder, self.batch_size, self.limit))
+        return evaluate(student, batches, student_cfg, self.lm_head, self.h_t_mean)
+
+
+def is_due(step: int, every: int, last: int) -> bool:
+    """Whether something done every `every` steps (0: only at the end) is due after `step`."""
+    return (every > 0 and step % every == 0) or step == last
+
+
+# --- the recipe ---------------------------------------------------------------------------------------
+
+
+def open_cache(cache_dir: Path, llm_checksum: str) -> dict[str, Any]:
+    """The cache index, after refusing a cache built with another LLM than the student's."""
+    try:
+        return check_fingerprint(cache_dir, llm_checksum)
+    except CacheError as e:
+        raise CacheError(f"refusing to train on {cache_dir}: {e}") from e
+
+
+def train(
+    cache_dir: Path,
+    run_dir: Path,
+    whisper_dir: Path,
+    llm_dir: Path,
+    student_cfg: StudentConfig,
+    train_cfg: TrainConfig,
+    runtime: RuntimeConfig,
+    eval_cache_dir: Path | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train the student for train_cfg.steps steps; returns the last train and eval metrics and the checkpoint."""
+    from transformers import WhisperFeatureExtractor
+
+    cache_dir, run_dir = Path(cache_dir), Path(run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints and not resume:
+        raise FileExistsError(f"{run_dir} already holds checkpoints; pass resume=True or choose another run_dir")
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    device = resolve_device(runtime.device)
+    dtype = resolve_dtype(runtime.dtype, device)
+
+    llm_checksum = weights_checksum(Path(llm_dir))
+    index = open_cache(cache_dir, llm_checksum)
+    if eval_cache_dir is not None:
+        eval_index = open_cache(Path(eval_cache_dir), llm_checksum)
+        if eval_index["prompt"]["prefix_ids"] != index["prompt"]["prefix_ids"] or (
+            eval_index["prompt"]["suffix_ids"] != index["prompt"]["suffix_ids"]
+        ):
+            raise CacheError(f"{eval_cache_dir} was built with other prompt ids than {cache_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    eval_dir = str(eval_cache_dir) if eval_cache_dir else None
+    run = TrainRun(str(cache_dir), eval_dir, str(whisper_dir), str(llm_dir), student_cfg, train_cfg, runtime)
+    save_config(run, run_dir / "config.yaml", made_by="diva.student.train.train")
+
+    torch.manual_seed(train_cfg.seed)
+    prompt = PromptSpec.from_json(index["prompt"])  # the cache's prompt ids, never a fresh render
+    student = DiVAStudent.from_pretrained_parts(whisper_dir, llm_dir, prompt, student_cfg, dtype=dtype).to(device)
+    student.train()
+    optimizer, schedule = build_optimizer(student, train_cfg)
+    step, position, resumed_from = 0, DataPosition(), None
+    if resume and checkpoints:
+        step, position = load_checkpoint(checkpoints[-1], student, optimizer, schedule)
+        resumed_from = step
+    log = MetricsLog(run_dir, resumed_from)
+
+    feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir)
+    encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, train_cfg.reuse_encoder_outputs)
+    stream = batched(sample_stream(cache_dir, train_cfg.seed, position), train_cfg.batch_size)
+    batches = ((make_batch(group, encoder), pos) for group, pos in stream)
+
+    held_out = None
+    if eval_cache_dir is not None:
+        lm_head = student.lm_head if student.lm_head is not None else load_lm_head(Path(llm_dir), dtype, device)
+        held_out = HeldOut(Path(eval_cache_dir), EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, True),
+                           lm_head, mean_h_t(cache_dir), train_cfg.batch_size, train_cfg.eval_batches)  # fmt: skip
+
+    last_train: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
+    checkpoint: Path | None = checkpoints[-1] if resumed_from is not None else None
+    while step < train_cfg.steps:
+        started = time.perf_counter()
+        metrics, position = train_step(student, batches, student_cfg, train_cfg, optimizer, schedule)
+        step += 1
+        seconds = time.perf_counter() - started
+        samples_per_s = train_cfg.batch_size * train_cfg.grad_accum / seconds
+        last_train = {
+            "split": "train",
+            "step": step,
+            "epoch": position.epoch,
+            **metrics,
+            "samples_per_s": samples_per_s,
+        }
+        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+            log.write(last_train)
+        if held_out is not None and is_due(step, train_cfg.eval_every, train_cfg.steps):
+            last_eval = {"split": "eval", "step": step, **held_out(student, student_cfg)}
+            log.write(last_eval)
+        if is_due(step, train_cfg.checkpoint_every, train_cfg.steps):
+            checkpoint = save_checkpoint(run_dir, step, student, optimizer, schedule, position)
+            prune_checkpoints(run_dir, train_cfg.keep_checkpoints)
+    log.close()
+    return {
+        "steps": step,
+        "resumed_from": resumed_from,
+        "train": last_train,
+        "eval": last_eval,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "position": position.to_dict(),
+    }
