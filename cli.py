@@ -536,6 +536,71 @@ def cache_inspect(cache_dir: Annotated[Path, typer.Argument(help="The cache fold
     out.print(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
+# --- diva train ------------------------------------------------------------------------------------
+
+
+@app.command("train")
+def train_command(
+    cache: Annotated[
+        Path, typer.Option("--cache", help="Training teacher cache (diva cache build).", show_default=False)
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics, config.", show_default=False)
+    ],
+    eval_cache: Annotated[
+        Path | None,
+        typer.Option("--eval-cache", help="Held-out teacher cache for periodic evaluation.", show_default=False),
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue exactly from the run's latest checkpoint.")
+    ] = False,
+) -> None:
+    """Train the student (frozen Whisper encoder -> Q-Former -> projection -> frozen LLM) against a teacher cache.
+    The teacher never runs: the cache holds its targets. Refuses a cache built with another LLM. The run's length
+    is train.steps; see `diva config show --docs` for every student.* and train.* key."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from diva.config import ConfigError, load_config
+    from diva.student.train import train
+    from diva.teacher_cache.index import CacheError
+    from diva.zoo.resolve import ModelNotFound, resolve_model
+
+    try:
+        cfg = load_config(config, overrides or [])
+        whisper_dir, llm_dir = resolve_model(cfg.models.whisper), resolve_model(cfg.models.llm)
+    except (ConfigError, ModelNotFound) as e:
+        raise _fail(str(e)) from e
+    columns = ("steps", BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("train", total=cfg.train.steps, info="")
+
+        def progress(step: int, metrics: dict) -> None:
+            info = f"loss {metrics.get('loss', float('nan')):.4f}  {metrics.get('samples_per_s', 0):.1f} samples/s"
+            bar.update(task, completed=step, info=info)
+
+        try:
+            result = train(cache, out_dir, whisper_dir, llm_dir, cfg.student, cfg.train, cfg.runtime, eval_cache,
+                           resume, progress)  # fmt: skip
+        except (CacheError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+            raise _fail(str(e)) from e
+    out.print(
+        f"trained {result['steps']} steps; checkpoint: {result['checkpoint']}; metrics: {out_dir / 'metrics.jsonl'}"
+    )
+    if result.get("eval"):
+        shown = {k: round(v, 4) for k, v in result["eval"].items() if isinstance(v, float)}
+        out.print(f"held-out: {shown}")
+
+
 # --- diva info -----------------------------------------------------------------------------------
 
 

@@ -98,6 +98,106 @@ class CacheConfig:
 
 
 @dataclass
+class StudentConfig:
+    """The student model and its losses (a pure dataclass: no torch, so it can move into config.py as is)."""
+
+    num_queries: int = doc(
+        "Q: audio tokens per utterance (learned queries of the Q-Former). 448 (Whisper's decoder positions) "
+        "in the paper; at most the Whisper decoder's max_target_positions for the Q-Former adapters.",
+        default=64,
+    )
+    adapter: Literal["qformer", "qformer_random", "mlp"] = doc(
+        "qformer: a copy of the Whisper decoder, initialised from its weights (the paper). qformer_random: the "
+        "same shape, randomly initialised (ablation). mlp: each utterance's encoder frames average-pooled into "
+        "Q windows, then Linear+GELU before the projection (ablation; no queries).",
+        default="qformer",
+    )
+    trim_mel: bool = doc(
+        "Pad the mel only to the batch's longest utterance (rounded to even frames) and mask each item's "
+        "padding, instead of 30 s for all (off in the paper preset). ~8x cheaper encoder on 4 s clips.",
+        default=True,
+    )
+    reuse_prefix_kv: bool = doc(
+        "Run the LLM on the constant prompt prefix once per batch and reuse its keys/values for every item "
+        "(same h_S; no gradient flows into the prefix).",
+        default=True,
+    )
+    long_text: Literal["skip", "truncate"] = doc(
+        "Rule for a transcript of N >= Q tokens, which cannot be aligned to the last N of Q audio tokens with "
+        "a free token left. skip: the row gets no alignment loss (distillation still applies). truncate: align "
+        "only the transcript's last Q-1 tokens to the last Q-1 audio tokens (the end stays anchored). Both are "
+        "counted in the metrics.",
+        default="skip",
+    )
+    distill_weight: float = doc("Weight of L_distill = mean_b ||h_S - h_T||_2 (0 turns it off).", default=1.0)
+    align_weight: float = doc(
+        "Weight of L_align = mean over (b, n) of ||v_{Q-N+n} - E(t_n)||_2 (0: distill-only).", default=1.0
+    )
+    kl_weight: float = doc(
+        "Weight of KL(teacher || student) on the next-token distribution at the last position (0: off; "
+        "above 0 the student keeps the LLM's lm_head).",
+        default=0.0,
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_queries < 1:
+            raise ConfigError(f"student.num_queries must be >= 1, got {self.num_queries}")
+        if self.adapter not in ("qformer", "qformer_random", "mlp"):
+            raise ConfigError(f"student.adapter must be qformer, qformer_random or mlp, got {self.adapter!r}")
+        if self.long_text not in ("skip", "truncate"):
+            raise ConfigError(f"student.long_text must be skip or truncate, got {self.long_text!r}")
+        weights = {
+            "distill_weight": self.distill_weight,
+            "align_weight": self.align_weight,
+            "kl_weight": self.kl_weight,
+        }
+        for name, value in weights.items():
+            if value < 0:
+                raise ConfigError(f"student.{name} must be >= 0, got {value}")
+        if not any(weights.values()):
+            raise ConfigError("student: distill_weight, align_weight and kl_weight are all 0; nothing would train")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe (METHOD.md section 1) and the run's bookkeeping."""
+
+    steps: int = doc("Optimizer steps to train (the run's length; an epoch is whatever the cache holds).", default=1000)
+    batch_size: int = doc("Utterances per micro-batch.", default=8)
+    grad_accum: int = doc("Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", default=1)
+    lr: float = doc("Peak learning rate (5e-5 in the paper).", default=5e-5)
+    warmup_frac: float = doc("Fraction of the steps spent in the linear warm-up from 0 to the peak.", default=0.01)
+    min_lr_ratio: float = doc("The cosine decay ends at this fraction of the peak LR.", default=0.1)
+    weight_decay: float = doc("AdamW weight decay (decoupled), on every trainable parameter.", default=0.1)
+    betas: tuple[float, float] = doc("AdamW betas.", default=(0.9, 0.999))
+    eps: float = doc("AdamW epsilon.", default=1e-8)
+    grad_clip: float = doc("Clip the global gradient norm to this (0: no clipping; the norm is logged).", default=1.0)
+    seed: int = doc("Seed of the student's initialisation and of the data order (seed, epoch).", default=0)
+    log_every: int = doc("Write training metrics every this many steps.", default=10)
+    eval_every: int = doc("Evaluate on the held-out cache every this many steps (0: only at the end).", default=0)
+    eval_batches: int = doc("Held-out batches per evaluation (0: the whole held-out cache).", default=0)
+    checkpoint_every: int = doc("Checkpoint every this many steps (0: only at the end).", default=0)
+    keep_checkpoints: int = doc("Keep this many latest checkpoints (0: keep all).", default=0)
+    reuse_encoder_outputs: bool = doc(
+        "Encode each utterance once and keep the frozen encoder's output in memory for later epochs.", default=False
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.lr and train.eps must be > 0, weight_decay and grad_clip >= 0")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("train.warmup_frac must be in [0, 1) and train.min_lr_ratio in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two values in [0, 1), got {self.betas}")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -105,6 +205,8 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # --- building dataclasses from plain data, with types checked -------------------------------------
@@ -199,8 +301,16 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: s
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested data (YAML-ready) of a config dataclass."""
-    return dataclasses.asdict(cfg)
+    """Plain nested data (YAML-ready: tuples become lists) of a config dataclass."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
 
 
 # --- presets, files and overrides ----------------------------------------------------------------

@@ -17,75 +17,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diva.config import ConfigError, doc
+from diva.config import StudentConfig
 from diva.student.features import encoder_frames_for
-
-
-@dataclass
-class StudentConfig:
-    """The student model and its losses (a pure dataclass: no torch, so it can move into config.py as is)."""
-
-    num_queries: int = doc(
-        "Q: audio tokens per utterance (learned queries of the Q-Former). 448 (Whisper's decoder positions) "
-        "in the paper; at most the Whisper decoder's max_target_positions for the Q-Former adapters.",
-        default=64,
-    )
-    adapter: Literal["qformer", "qformer_random", "mlp"] = doc(
-        "qformer: a copy of the Whisper decoder, initialised from its weights (the paper). qformer_random: the "
-        "same shape, randomly initialised (ablation). mlp: each utterance's encoder frames average-pooled into "
-        "Q windows, then Linear+GELU before the projection (ablation; no queries).",
-        default="qformer",
-    )
-    trim_mel: bool = doc(
-        "Pad the mel only to the batch's longest utterance (rounded to even frames) and mask each item's "
-        "padding, instead of 30 s for all (off in the paper preset). ~8x cheaper encoder on 4 s clips.",
-        default=True,
-    )
-    reuse_prefix_kv: bool = doc(
-        "Run the LLM on the constant prompt prefix once per batch and reuse its keys/values for every item "
-        "(same h_S; no gradient flows into the prefix).",
-        default=True,
-    )
-    long_text: Literal["skip", "truncate"] = doc(
-        "Rule for a transcript of N >= Q tokens, which cannot be aligned to the last N of Q audio tokens with "
-        "a free token left. skip: the row gets no alignment loss (distillation still applies). truncate: align "
-        "only the transcript's last Q-1 tokens to the last Q-1 audio tokens (the end stays anchored). Both are "
-        "counted in the metrics.",
-        default="skip",
-    )
-    distill_weight: float = doc("Weight of L_distill = mean_b ||h_S - h_T||_2 (0 turns it off).", default=1.0)
-    align_weight: float = doc(
-        "Weight of L_align = mean over (b, n) of ||v_{Q-N+n} - E(t_n)||_2 (0: distill-only).", default=1.0
-    )
-    kl_weight: float = doc(
-        "Weight of KL(teacher || student) on the next-token distribution at the last position (0: off; "
-        "above 0 the student keeps the LLM's lm_head).",
-        default=0.0,
-    )
-
-    def __post_init__(self) -> None:
-        if self.num_queries < 1:
-            raise ConfigError(f"student.num_queries must be >= 1, got {self.num_queries}")
-        if self.adapter not in ("qformer", "qformer_random", "mlp"):
-            raise ConfigError(f"student.adapter must be qformer, qformer_random or mlp, got {self.adapter!r}")
-        if self.long_text not in ("skip", "truncate"):
-            raise ConfigError(f"student.long_text must be skip or truncate, got {self.long_text!r}")
-        weights = {
-            "distill_weight": self.distill_weight,
-            "align_weight": self.align_weight,
-            "kl_weight": self.kl_weight,
-        }
-        for name, value in weights.items():
-            if value < 0:
-                raise ConfigError(f"student.{name} must be >= 0, got {value}")
-        if not any(weights.values()):
-            raise ConfigError("student: distill_weight, align_weight and kl_weight are all 0; nothing would train")
 
 
 @dataclass

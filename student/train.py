@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diva.config import ConfigError, RuntimeConfig, doc, save_config
+from diva.config import RuntimeConfig, TrainConfig, save_config
 from diva.runtime import resolve_device, resolve_dtype
 from diva.student.data import (
     Batch,
@@ -56,45 +56,6 @@ WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "state.pt"
 INFO_FILE = "checkpoint.json"
 METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """The optimisation recipe (METHOD.md section 1) and the run's bookkeeping."""
-
-    steps: int = doc("Optimizer steps to train (the run's length; an epoch is whatever the cache holds).", default=1000)
-    batch_size: int = doc("Utterances per micro-batch.", default=8)
-    grad_accum: int = doc("Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", default=1)
-    lr: float = doc("Peak learning rate (5e-5 in the paper).", default=5e-5)
-    warmup_frac: float = doc("Fraction of the steps spent in the linear warm-up from 0 to the peak.", default=0.01)
-    min_lr_ratio: float = doc("The cosine decay ends at this fraction of the peak LR.", default=0.1)
-    weight_decay: float = doc("AdamW weight decay (decoupled), on every trainable parameter.", default=0.1)
-    betas: tuple[float, float] = doc("AdamW betas.", default=(0.9, 0.999))
-    eps: float = doc("AdamW epsilon.", default=1e-8)
-    grad_clip: float = doc("Clip the global gradient norm to this (0: no clipping; the norm is logged).", default=1.0)
-    seed: int = doc("Seed of the student's initialisation and of the data order (seed, epoch).", default=0)
-    log_every: int = doc("Write training metrics every this many steps.", default=10)
-    eval_every: int = doc("Evaluate on the held-out cache every this many steps (0: only at the end).", default=0)
-    eval_batches: int = doc("Held-out batches per evaluation (0: the whole held-out cache).", default=0)
-    checkpoint_every: int = doc("Checkpoint every this many steps (0: only at the end).", default=0)
-    keep_checkpoints: int = doc("Keep this many latest checkpoints (0: keep all).", default=0)
-    reuse_encoder_outputs: bool = doc(
-        "Encode each utterance once and keep the frozen encoder's output in memory for later epochs.", default=False
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("train.lr and train.eps must be > 0, weight_decay and grad_clip >= 0")
-        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("train.warmup_frac must be in [0, 1) and train.min_lr_ratio in [0, 1]")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"train.betas must be two values in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -398,6 +359,7 @@ def train(
     runtime: RuntimeConfig,
     eval_cache_dir: Path | None = None,
     resume: bool = False,
+    progress: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train the student for train_cfg.steps steps; returns the last train and eval metrics and the checkpoint."""
     from transformers import WhisperFeatureExtractor
@@ -464,6 +426,8 @@ def train(
         }
         if step % train_cfg.log_every == 0 or step == train_cfg.steps:
             log.write(last_train)
+        if progress:
+            progress(step, last_train)
         if held_out is not None and is_due(step, train_cfg.eval_every, train_cfg.steps):
             last_eval = {"split": "eval", "step": step, **held_out(student, student_cfg)}
             log.write(last_eval)

@@ -211,3 +211,21 @@ def test_ids_only_cache_gives_the_same_alignment_targets(
     looked_up = alignment_targets([ids_only[s["id"]] for s in per_row], student)
     for stored, target in zip(alignment_targets(per_row, student), looked_up, strict=True):
         assert torch.equal(stored, target)
+
+
+def test_cli_train_runs_end_to_end(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from diva.cli import app
+
+    run = tmp_path / "cli-run"
+    args = ["train", "--cache", str(caches["train"]), "--eval-cache", str(caches["eval"]), "--out", str(run),
+            "-c", "tiny", "--set", f"models.whisper={tiny_whisper}", "--set", f"models.llm={tiny_llama}",
+            "--set", "train.steps=4", "--set", "train.batch_size=2", "--set", "student.num_queries=8",
+            "--set", "runtime.threads=1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "trained 4 steps" in result.output and "held-out:" in result.output
+    assert (run / "checkpoints" / "step_000004" / "trainable.safetensors").is_file()
+    again = CliRunner().invoke(app, args)  # a finished run is not overwritten without --resume
+    assert again.exit_code == 2 and "resume" in again.output
