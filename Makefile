@@ -72,17 +72,21 @@ tiny: $(STAMP)
 
 demo: models
 	$(BIN)/diva info
-	@echo "== 1/3 synthetic speech corpus (flite, Common Voice layout) -> $(DEMO_DIR)/corpus"
+	@echo "== 1/4 synthetic speech corpus (flite, Common Voice layout) -> $(DEMO_DIR)/corpus"
 	$(BIN)/diva corpus synth $(DEMO_DIR)/corpus
-	@echo "== 2/3 manifests -> $(DEMO_DIR)/manifests/{train,dev,test}"
+	@echo "== 2/4 manifests -> $(DEMO_DIR)/manifests/{train,dev,test}"
 	for split in train dev test; do \
 	  $(BIN)/diva manifest import commonvoice $(DEMO_DIR)/corpus --split $$split -o $(DEMO_DIR)/manifests/$$split || exit 1; done
-	@echo "== 3/3 teacher cache (SmolLM2-135M-Instruct over every transcript) -> $(DEMO_DIR)/cache/{train,dev,test}"
+	@echo "== 3/4 teacher cache (SmolLM2-135M-Instruct over every transcript) -> $(DEMO_DIR)/cache/{train,dev,test}"
 	for split in train dev test; do \
 	  $(BIN)/diva cache build $(DEMO_DIR)/manifests/$$split -o $(DEMO_DIR)/cache/$$split -c $(CONFIG) || exit 1; done
+	@echo "== 4/4 student training (train.steps of the $(CONFIG) preset; held-out eval on dev) -> $(DEMO_DIR)/run"
+	$(BIN)/diva train --cache $(DEMO_DIR)/cache/train --eval-cache $(DEMO_DIR)/cache/dev --out $(DEMO_DIR)/run \
+	  -c $(CONFIG) --resume
 	@echo
-	@echo "make demo: corpus, manifests and teacher caches are ready under $(DEMO_DIR)."
-	@echo "Student training, evaluation and the spoken answer are not built yet; the demo stops here."
+	@echo "make demo: corpus, manifests, teacher caches and a trained student are under $(DEMO_DIR)"
+	@echo "(metrics: $(DEMO_DIR)/run/metrics.jsonl). The report, the spoken answer and the tuned demo preset are"
+	@echo "not built yet; the demo stops here."
 
 cache: install
 	@test -n "$(MANIFEST)" -a -n "$(OUT)" || { echo "usage: make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]"; exit 2; }
