@@ -559,7 +559,9 @@ def train_command(
 ) -> None:
     """Train the student (frozen Whisper encoder -> Q-Former -> projection -> frozen LLM) against a teacher cache.
     The teacher never runs: the cache holds its targets. Refuses a cache built with another LLM. The run's length
-    is train.steps; see `diva config show --docs` for every student.* and train.* key."""
+    is train.steps; see `diva config show --docs` for every student.* and train.* key. Data-parallel on several
+    processes or GPUs: `torchrun --nproc_per_node N -m diva.cli train ...` (train.batch_size is per process; only
+    rank 0 shows progress and writes the run folder)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -570,6 +572,7 @@ def train_command(
     )
 
     from diva.config import ConfigError, load_config
+    from diva.student.distributed import from_env
     from diva.student.train import train
     from diva.teacher_cache.index import CacheError
     from diva.zoo.resolve import ModelNotFound, resolve_model
@@ -581,7 +584,8 @@ def train_command(
         raise _fail(str(e)) from e
     columns = ("steps", BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=console) as bar:
+    main = from_env().is_main  # under torchrun the other ranks stay quiet
+    with Progress(*columns, console=console, disable=not main) as bar:
         task = bar.add_task("train", total=cfg.train.steps, info="")
 
         def progress(step: int, metrics: dict) -> None:
@@ -593,6 +597,8 @@ def train_command(
                            resume, progress)  # fmt: skip
         except (CacheError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
             raise _fail(str(e)) from e
+    if not main:
+        return
     out.print(
         f"trained {result['steps']} steps; checkpoint: {result['checkpoint']}; metrics: {out_dir / 'metrics.jsonl'}"
     )

@@ -163,7 +163,10 @@ class TrainConfig:
     """The optimisation recipe (METHOD.md section 1) and the run's bookkeeping."""
 
     steps: int = doc("Optimizer steps to train (the run's length; an epoch is whatever the cache holds).", default=1000)
-    batch_size: int = doc("Utterances per micro-batch.", default=8)
+    batch_size: int = doc(
+        "Utterances per micro-batch, per process: under torchrun the global batch is batch_size x processes.",
+        default=8,
+    )
     grad_accum: int = doc("Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", default=1)
     lr: float = doc("Peak learning rate (5e-5 in the paper).", default=5e-5)
     warmup_frac: float = doc("Fraction of the steps spent in the linear warm-up from 0 to the peak.", default=0.01)

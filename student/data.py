@@ -9,14 +9,16 @@ fixed by (seed, e) alone, so a resumed run skips exactly the consumed samples: w
 in the index (never opened), then the first rows of the shard it stopped in. The in-shard shuffle holds one
 shard in memory (shard_size rows, 1-5k at paper scale).
 
-Distributed runs (a seam, not done here): give each rank the samples whose position in the epoch order is
-congruent to its rank, so the order stays a function of (seed, epoch) and the position stays global.
+Distributed runs (`rank_stream`): every rank reads the same (seed, epoch) stream and keeps one sample of each
+run of world_size consecutive ones, the one at its rank; the ranks' data is disjoint, they advance in lockstep
+and share one global position (the position after the whole run of world_size samples).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,24 @@ def batched(
         if len(group) == batch_size:
             yield group, position
             group = []
+
+
+def rank_stream(
+    stream: Iterator[tuple[dict[str, Any], DataPosition]], rank: int, world_size: int
+) -> Iterator[tuple[dict[str, Any], DataPosition]]:
+    """This rank's share of a (global) stream: of each world_size consecutive samples, the one at `rank`, with
+    the global position after all world_size of them (the same on every rank, so one checkpoint resumes all).
+
+    From the start of an epoch whose start is a multiple of world_size into the stream (every epoch, when the
+    cache's rows are a multiple of world_size) that is the samples whose index in the epoch order is congruent
+    to `rank`. Otherwise a run of world_size samples spans the epoch boundary: nothing is dropped or repeated."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    while True:
+        group = list(islice(stream, world_size))
+        if len(group) < world_size:  # only a finite (test) stream ends; the training stream is endless
+            return
+        yield group[rank][0], group[-1][1]
 
 
 # --- tensors ------------------------------------------------------------------------------------------

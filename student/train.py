@@ -12,8 +12,14 @@ name and renamed. `resume=True` continues from the latest one and logs the same 
 would (bitwise on CPU, with encoder-output reuse off: reused outputs are computed in whichever batch an
 utterance first appears in, and a different batch shape can round differently).
 
-Seams left for later: DDP (wrap the student, split the stream by rank, reduce metrics), the online-teacher
-mode (compute h_T in `make_batch` instead of reading it), mixing several caches (a stream over streams).
+Under torchrun (`torchrun --nproc_per_node N -m diva.cli train ...`) each rank trains on its share of the
+stream (`data.rank_stream`), gradients are averaged over the ranks every step (`student.distributed`), every
+rank runs exactly `steps` steps (the stream is endless, so uneven shares cannot hang), the logged losses are
+means over the ranks, and only rank 0 writes the config, metrics, TensorBoard and checkpoints. A checkpoint
+records the world size and every rank's RNG state; resuming needs the same world size.
+
+Seams left for later: FSDP for large students (see `student.distributed`), the online-teacher mode (compute
+h_T in `make_batch` instead of reading it), mixing several caches (a stream over streams).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import nn
 
 from diva.config import RuntimeConfig, TrainConfig, save_config
 from diva.runtime import resolve_device, resolve_dtype
+from diva.student import distributed
 from diva.student.data import (
     Batch,
     DataPosition,
@@ -42,8 +49,10 @@ from diva.student.data import (
     epoch_samples,
     make_batch,
     mean_h_t,
+    rank_stream,
     sample_stream,
 )
+from diva.student.distributed import SINGLE, Dist
 from diva.student.losses import align_loss, combined_loss, distill_loss, kl_loss
 from diva.student.model import DiVAStudent, StudentConfig
 from diva.teacher_cache.index import CacheError
@@ -56,6 +65,7 @@ WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "state.pt"
 INFO_FILE = "checkpoint.json"
 METRICS_FILE = "metrics.jsonl"
+DEBUG_RANK_DIR = "DIVA_DEBUG_RANK_DIR"  # test hook: each rank writes the ids it trained on and its final weights
 
 
 @dataclass
@@ -119,8 +129,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     schedule: Any,
     position: DataPosition,
+    rank_rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """checkpoints/step_XXXXXX/ with weights, state and a json, written under a temp name and renamed."""
+    """checkpoints/step_XXXXXX/ with weights, state and a json, written under a temp name and renamed.
+
+    `rank_rngs`: every rank's RNG states in a distributed run (the world size is their count); None: this
+    process alone."""
     from safetensors.torch import save_file
 
     final = run_dir / CHECKPOINTS / f"step_{step:06d}"
@@ -129,15 +143,19 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in student.trainable_state_dict().items()}
     save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
+    rngs = rank_rngs or [rng_states()]
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
-        "rng": rng_states(),
+        "rng": rngs[0],
+        "rank_rngs": rngs,
+        "world_size": len(rngs),
         "position": position.to_dict(),
     }
     torch.save(state, tmp / STATE_FILE)
-    info = {"step": step, "position": position.to_dict(), "files": [WEIGHTS_FILE, STATE_FILE], "tensors": len(weights)}
+    info = {"step": step, "position": position.to_dict(), "world_size": len(rngs),
+            "files": [WEIGHTS_FILE, STATE_FILE], "tensors": len(weights)}  # fmt: skip
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     if final.exists():  # a checkpoint of the same step from a run that was resumed before it
         shutil.rmtree(final)
@@ -160,20 +178,27 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def load_checkpoint(
-    path: Path, student: DiVAStudent, optimizer: torch.optim.Optimizer, schedule: Any
+    path: Path, student: DiVAStudent, optimizer: torch.optim.Optimizer, schedule: Any, layout: Dist = SINGLE
 ) -> tuple[int, DataPosition]:
-    """Restore weights, optimizer, schedule and RNG from a checkpoint folder; returns (step, data position)."""
+    """Restore weights, optimizer, schedule and this rank's RNG from a checkpoint folder; returns (step, data
+    position). Refuses a checkpoint written by a run of another world size (its data split would differ)."""
     from safetensors.torch import load_file
 
     weights = load_file(str(path / WEIGHTS_FILE))
     expected = set(student.trainable_state_dict())
     if set(weights) != expected:
         raise CacheError(f"{path}: the checkpoint's tensors do not match this student's trainable parameters")
-    student.load_state_dict(weights, strict=False)
     state = torch.load(path / STATE_FILE, weights_only=True)
+    saved_world = int(state.get("world_size", 1))  # checkpoints from before DDP: one process
+    if saved_world != layout.world_size:
+        raise CacheError(
+            f"{path} was written by a run of {saved_world} process(es) but this run has {layout.world_size}; "
+            f"resume with --nproc_per_node {saved_world} (the data split depends on the world size)"
+        )
+    student.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    set_rng_states(state["rng"])
+    set_rng_states(state["rank_rngs"][layout.rank] if "rank_rngs" in state else state["rng"])
     return int(state["step"]), DataPosition(**state["position"])
 
 
@@ -217,8 +242,10 @@ def train_step(
     cfg: TrainConfig,
     optimizer: torch.optim.Optimizer,
     schedule: Any,
+    layout: Dist = SINGLE,
 ) -> tuple[dict[str, Any], DataPosition]:
-    """grad_accum micro-batches, clipping, one AdamW step; returns the step's metrics and the data position."""
+    """grad_accum micro-batches, gradients averaged over the ranks, clipping, one AdamW step; returns the step's
+    metrics (losses: means over the ranks; align counts: sums) and the data position (the same on every rank)."""
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {"loss": 0.0}
     counts = {"align_skipped": 0, "align_truncated": 0, "align_empty": 0}
@@ -235,12 +262,15 @@ def train_step(
             counts["align_skipped"] += loss.align_stats.skipped
             counts["align_truncated"] += loss.align_stats.truncated
             counts["align_empty"] += loss.align_stats.empty
+    distributed.average_gradients(student, layout)
     params = [p for p in student.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # of the averaged grads: equal on all ranks
     optimizer.step()
     schedule.step()
-    return {**sums, **counts, "lr": lr, "grad_norm": grad_norm}, position
+    device = student.prefix_ids.device
+    reduced = distributed.reduce_metrics({**sums, **counts}, layout, device, sums=tuple(counts))
+    return {**reduced, "lr": lr, "grad_norm": grad_norm}, position
 
 
 def load_lm_head(llm_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -361,7 +391,9 @@ def train(
     resume: bool = False,
     progress: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train the student for train_cfg.steps steps; returns the last train and eval metrics and the checkpoint."""
+    """Train the student for train_cfg.steps steps; returns the last train and eval metrics and the checkpoint.
+
+    Under torchrun this runs on every rank (see the module doc); `progress` is called on rank 0 only."""
     from transformers import WhisperFeatureExtractor
 
     cache_dir, run_dir = Path(cache_dir), Path(run_dir)
@@ -370,71 +402,89 @@ def train(
         raise FileExistsError(f"{run_dir} already holds checkpoints; pass resume=True or choose another run_dir")
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
-    device = resolve_device(runtime.device)
-    dtype = resolve_dtype(runtime.dtype, device)
+    layout, device = distributed.setup(resolve_device(runtime.device))
+    try:
+        dtype = resolve_dtype(runtime.dtype, device)
 
-    llm_checksum = weights_checksum(Path(llm_dir))
-    index = open_cache(cache_dir, llm_checksum)
-    if eval_cache_dir is not None:
-        eval_index = open_cache(Path(eval_cache_dir), llm_checksum)
-        if eval_index["prompt"]["prefix_ids"] != index["prompt"]["prefix_ids"] or (
-            eval_index["prompt"]["suffix_ids"] != index["prompt"]["suffix_ids"]
-        ):
-            raise CacheError(f"{eval_cache_dir} was built with other prompt ids than {cache_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    eval_dir = str(eval_cache_dir) if eval_cache_dir else None
-    run = TrainRun(str(cache_dir), eval_dir, str(whisper_dir), str(llm_dir), student_cfg, train_cfg, runtime)
-    save_config(run, run_dir / "config.yaml", made_by="diva.student.train.train")
+        llm_checksum = weights_checksum(Path(llm_dir))
+        index = open_cache(cache_dir, llm_checksum)
+        distributed.check_shards(len(index["shards"]), layout)
+        if eval_cache_dir is not None:
+            eval_index = open_cache(Path(eval_cache_dir), llm_checksum)
+            if eval_index["prompt"]["prefix_ids"] != index["prompt"]["prefix_ids"] or (
+                eval_index["prompt"]["suffix_ids"] != index["prompt"]["suffix_ids"]
+            ):
+                raise CacheError(f"{eval_cache_dir} was built with other prompt ids than {cache_dir}")
+        if layout.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            eval_dir = str(eval_cache_dir) if eval_cache_dir else None
+            run = TrainRun(str(cache_dir), eval_dir, str(whisper_dir), str(llm_dir), student_cfg, train_cfg, runtime)
+            save_config(run, run_dir / "config.yaml", made_by="diva.student.train.train")
 
-    torch.manual_seed(train_cfg.seed)
-    prompt = PromptSpec.from_json(index["prompt"])  # the cache's prompt ids, never a fresh render
-    student = DiVAStudent.from_pretrained_parts(whisper_dir, llm_dir, prompt, student_cfg, dtype=dtype).to(device)
-    student.train()
-    optimizer, schedule = build_optimizer(student, train_cfg)
-    step, position, resumed_from = 0, DataPosition(), None
-    if resume and checkpoints:
-        step, position = load_checkpoint(checkpoints[-1], student, optimizer, schedule)
-        resumed_from = step
-    log = MetricsLog(run_dir, resumed_from)
+        torch.manual_seed(train_cfg.seed)  # the same initialisation on every rank (and rank 0's is broadcast)
+        prompt = PromptSpec.from_json(index["prompt"])  # the cache's prompt ids, never a fresh render
+        student = DiVAStudent.from_pretrained_parts(whisper_dir, llm_dir, prompt, student_cfg, dtype=dtype).to(device)
+        student.train()
+        distributed.broadcast_trainable(student, layout)
+        if layout.enabled:  # each rank its own dropout draws
+            torch.manual_seed(train_cfg.seed + layout.rank)
+        optimizer, schedule = build_optimizer(student, train_cfg)
+        step, position, resumed_from = 0, DataPosition(), None
+        if resume and checkpoints:
+            step, position = load_checkpoint(checkpoints[-1], student, optimizer, schedule, layout)
+            resumed_from = step
+        log = MetricsLog(run_dir, resumed_from) if layout.is_main else None
 
-    feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir)
-    encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, train_cfg.reuse_encoder_outputs)
-    stream = batched(sample_stream(cache_dir, train_cfg.seed, position), train_cfg.batch_size)
-    batches = ((make_batch(group, encoder), pos) for group, pos in stream)
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir)
+        encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, train_cfg.reuse_encoder_outputs)
+        samples = rank_stream(sample_stream(cache_dir, train_cfg.seed, position), layout.rank, layout.world_size)
+        stream = batched(samples, train_cfg.batch_size)
+        consumed_ids: list[str] = []  # kept for the DIVA_DEBUG_RANK_DIR test hook only
+        batches = ((make_batch(group, encoder), pos) for group, pos in stream)
+        if os.environ.get(DEBUG_RANK_DIR):
+            batches = recording(batches, consumed_ids)
 
-    held_out = None
-    if eval_cache_dir is not None:
-        lm_head = student.lm_head if student.lm_head is not None else load_lm_head(Path(llm_dir), dtype, device)
-        held_out = HeldOut(Path(eval_cache_dir), EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, True),
-                           lm_head, mean_h_t(cache_dir), train_cfg.batch_size, train_cfg.eval_batches)  # fmt: skip
+        held_out = None
+        if eval_cache_dir is not None and layout.is_main:  # rank 0 evaluates while the others wait at the all-reduce
+            lm_head = student.lm_head if student.lm_head is not None else load_lm_head(Path(llm_dir), dtype, device)
+            eval_encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, True)
+            held_out = HeldOut(Path(eval_cache_dir), eval_encoder, lm_head, mean_h_t(cache_dir), train_cfg.batch_size,
+                               train_cfg.eval_batches)  # fmt: skip
 
-    last_train: dict[str, Any] = {}
-    last_eval: dict[str, Any] = {}
-    checkpoint: Path | None = checkpoints[-1] if resumed_from is not None else None
-    while step < train_cfg.steps:
-        started = time.perf_counter()
-        metrics, position = train_step(student, batches, student_cfg, train_cfg, optimizer, schedule)
-        step += 1
-        seconds = time.perf_counter() - started
-        samples_per_s = train_cfg.batch_size * train_cfg.grad_accum / seconds
-        last_train = {
-            "split": "train",
-            "step": step,
-            "epoch": position.epoch,
-            **metrics,
-            "samples_per_s": samples_per_s,
-        }
-        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-            log.write(last_train)
-        if progress:
-            progress(step, last_train)
-        if held_out is not None and is_due(step, train_cfg.eval_every, train_cfg.steps):
-            last_eval = {"split": "eval", "step": step, **held_out(student, student_cfg)}
-            log.write(last_eval)
-        if is_due(step, train_cfg.checkpoint_every, train_cfg.steps):
-            checkpoint = save_checkpoint(run_dir, step, student, optimizer, schedule, position)
-            prune_checkpoints(run_dir, train_cfg.keep_checkpoints)
-    log.close()
+        last_train: dict[str, Any] = {}
+        last_eval: dict[str, Any] = {}
+        checkpoint: Path | None = checkpoints[-1] if resumed_from is not None else None
+        while step < train_cfg.steps:  # every rank runs the same steps: the stream never ends
+            started = time.perf_counter()
+            metrics, position = train_step(student, batches, student_cfg, train_cfg, optimizer, schedule, layout)
+            step += 1
+            seconds = time.perf_counter() - started
+            samples_per_s = train_cfg.batch_size * train_cfg.grad_accum * layout.world_size / seconds
+            last_train = {
+                "split": "train",
+                "step": step,
+                "epoch": position.epoch,
+                **metrics,
+                "samples_per_s": samples_per_s,
+            }
+            if log and (step % train_cfg.log_every == 0 or step == train_cfg.steps):
+                log.write(last_train)
+            if progress and layout.is_main:
+                progress(step, last_train)
+            if held_out is not None and is_due(step, train_cfg.eval_every, train_cfg.steps):
+                last_eval = {"split": "eval", "step": step, **held_out(student, student_cfg)}
+                log.write(last_eval)
+            if is_due(step, train_cfg.checkpoint_every, train_cfg.steps):
+                rngs = distributed.gather_objects(rng_states(), layout) if layout.enabled else None
+                if layout.is_main:
+                    checkpoint = save_checkpoint(run_dir, step, student, optimizer, schedule, position, rngs)
+                    prune_checkpoints(run_dir, train_cfg.keep_checkpoints)
+        if log:
+            log.close()
+        if os.environ.get(DEBUG_RANK_DIR):
+            write_rank_debug(Path(os.environ[DEBUG_RANK_DIR]), layout.rank, consumed_ids, student)
+    finally:
+        distributed.teardown(layout)
     return {
         "steps": step,
         "resumed_from": resumed_from,
@@ -442,4 +492,23 @@ def train(
         "eval": last_eval,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "position": position.to_dict(),
+        "rank": layout.rank,
+        "world_size": layout.world_size,
     }
+
+
+def recording(batches: Iterator[tuple[Batch, DataPosition]], ids: list[str]) -> Iterator[tuple[Batch, DataPosition]]:
+    """Test hook: the batches unchanged, each batch's utterance ids appended to `ids` as it is taken."""
+    for batch, position in batches:
+        ids.extend(batch.ids)
+        yield batch, position
+
+
+def write_rank_debug(folder: Path, rank: int, ids: list[str], student: DiVAStudent) -> None:
+    """Test hook: rank<r>_ids.json (the utterances this rank trained on, in order) and rank<r>.safetensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{rank}_ids.json").write_text(json.dumps(ids) + "\n")
+    weights = {k: v.detach().cpu().contiguous() for k, v in student.trainable_state_dict().items()}
+    save_file(weights, str(folder / f"rank{rank}.safetensors"))

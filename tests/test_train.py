@@ -1,12 +1,18 @@
 """The trainer end to end on real clips with the tiny random Whisper and Llama: the cache's targets vary, a short run
 lowers L_distill and writes its files, a resumed run equals an uninterrupted one, a cache of another LLM is refused,
-and the trained student is scored against the audio-blind control and the mean-h_T predictor."""
+and the trained student is scored against the audio-blind control and the mean-h_T predictor, and two torchrun
+processes (gloo, CPU) train on disjoint halves of the data and end with identical weights."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +23,8 @@ from safetensors.torch import load_file
 from diva.config import RuntimeConfig, load_config
 from diva.manifests.importers.base import ImportOptions
 from diva.manifests.prepare import import_corpus
-from diva.student.data import DataPosition, epoch_samples, sample_stream
+from diva.student.data import DataPosition, epoch_samples, rank_stream, sample_stream
+from diva.student.distributed import Dist, check_shards
 from diva.student.model import StudentConfig
 from diva.student.train import TrainConfig, TrainRun, lr_factor, train
 from diva.teacher_cache.build import build_cache
@@ -229,3 +236,72 @@ def test_cli_train_runs_end_to_end(caches, tiny_whisper, tiny_llama, tmp_path: P
     assert (run / "checkpoints" / "step_000004" / "trainable.safetensors").is_file()
     again = CliRunner().invoke(app, args)  # a finished run is not overwritten without --resume
     assert again.exit_code == 2 and "resume" in again.output
+
+
+def test_rank_stream_splits_the_order_in_lockstep(caches: dict[str, Path]) -> None:
+    order = [s["id"] for s in epoch_samples(caches["train"], seed=3, epoch=0)]
+    shares = [list(islice(rank_stream(sample_stream(caches["train"], seed=3), r, 2), 10)) for r in range(2)]
+    assert [s["id"] for s, _ in shares[0]] == order[0::2] and [s["id"] for s, _ in shares[1]] == order[1::2]
+    assert [p for _, p in shares[0]] == [p for _, p in shares[1]]  # one global position on every rank
+    assert shares[0][-1][1] == DataPosition(1, 0)
+    # 5 rows over 2 ranks: the pair (4, 0') spans the epoch boundary; nothing is dropped or repeated
+    rows = [(f"e{e}r{i}", DataPosition(e, i + 1)) for e in range(2) for i in range(5)]
+    halves = [[s for s, _ in rank_stream(iter(rows), r, 2)] for r in range(2)]
+    assert halves[0] == ["e0r0", "e0r2", "e0r4", "e1r1", "e1r3"]
+    assert halves[1] == ["e0r1", "e0r3", "e1r0", "e1r2", "e1r4"]
+
+
+def test_too_few_shards_for_the_ranks_is_refused() -> None:
+    check_shards(4, Dist(rank=0, world_size=4))
+    with pytest.raises(ValueError, match="3 shard.* 4 rank.* 1 data worker.* at least 4"):
+        check_shards(3, Dist(rank=0, world_size=4))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_see_disjoint_data_and_end_equal(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m diva.cli train` with gloo on the CPU: 5 steps x 2 rows x 2 ranks is one
+    epoch of the 20-row cache, split by rank; the averaged gradients leave both ranks with the same weights."""
+    run, debug = tmp_path / "run", tmp_path / "debug"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "diva.cli", "train",
+               "--cache", str(caches["train"]), "--eval-cache", str(caches["eval"]), "--out", str(run), "-c", "tiny",
+               "--set", f"models.whisper={tiny_whisper}", "--set", f"models.llm={tiny_llama}",
+               "--set", "train.steps=5", "--set", "train.batch_size=2", "--set", "runtime.threads=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIVA_DEBUG_RANK_DIR": str(debug)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.count("trained 5 steps") == 1  # rank 1 stays quiet
+
+    saved = load_config(run / "config.yaml", cls=TrainRun)
+    order = [s["id"] for s in epoch_samples(caches["train"], seed=saved.train.seed, epoch=0)]
+    ids = [json.loads((debug / f"rank{r}_ids.json").read_text()) for r in range(2)]
+    assert ids[0] == order[0::2] and ids[1] == order[1::2]
+    assert not set(ids[0]) & set(ids[1]) and sorted(ids[0] + ids[1]) == sorted(order)
+    w0, w1 = (load_file(str(debug / f"rank{r}.safetensors")) for r in range(2))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    saved_weights = load_file(str(run / "checkpoints" / "step_000005" / "trainable.safetensors"))
+    assert all(torch.equal(saved_weights[k], w0[k]) for k in w0)  # rank 0's checkpoint holds the shared weights
+
+    records = _records(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["epoch"] == 1
+    assert _records(run, "eval")
+    state = torch.load(run / "checkpoints" / "step_000005" / "state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rank_rngs"]) == 2
+    with pytest.raises(CacheError, match="2 process.* this run has 1"):  # resuming needs the same world size
+        train(caches["train"], run, tiny_whisper, tiny_llama, saved.student, saved.train, saved.runtime, resume=True)
+
+    # the same world size resumes: two more steps, each rank on its share of epoch 1 (4 rows each)
+    resumed = [a.replace("train.steps=5", "train.steps=7") for a in command] + ["--resume"]
+    resumed[resumed.index("--master_port") + 1] = str(_free_port())
+    env["DIVA_DEBUG_RANK_DIR"] = str(tmp_path / "debug-resumed")
+    done = subprocess.run(resumed, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    order = [s["id"] for s in epoch_samples(caches["train"], seed=saved.train.seed, epoch=1)]
+    for r in range(2):
+        assert json.loads((tmp_path / "debug-resumed" / f"rank{r}_ids.json").read_text()) == order[r::2][:4]
+    assert [r["step"] for r in _records(run)] == list(range(1, 8))

@@ -1,0 +1,136 @@
+"""Data-parallel training under torchrun: the process group, gradient averaging and metric reduction.
+
+    torchrun sets RANK / WORLD_SIZE / LOCAL_RANK --> `setup()` joins the group (gloo on CPU, nccl on CUDA)
+    start:            trainable parameters broadcast from rank 0 (the frozen ones are loaded, never change)
+    every micro-batch: each rank's own samples (`data.rank_stream`) -> forward -> backward (local grads)
+    every step:       `average_gradients` (one all-reduce of the flattened trainable grads, / world size)
+                      -> clip -> AdamW: the same grads and the same update on every rank, so weights stay equal
+
+Why a manual all-reduce and not DistributedDataParallel: only the adapter and projection train; the frozen
+encoder and LLM need no sync, some trainable tensors get no gradient on a step (DDP would need
+find_unused_parameters), and with grad_accum the all-reduce happens once per step anyway. DDP's overlap of
+communication with backward is the one thing given up (small students: negligible). FSDP for large students
+is a TODO: it would shard the trainable parameters and optimizer state, which this design keeps whole.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: rank of world_size (1: a plain single-process run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # whether `setup` initialised the process group (and `teardown` destroys it)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes metrics, TensorBoard, checkpoints and the config."""
+        return self.rank == 0
+
+
+SINGLE = Dist()  # a plain single-process run
+
+
+def from_env() -> Dist:
+    """The job layout torchrun put in the environment (RANK, WORLD_SIZE, LOCAL_RANK); none: a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist()
+    return Dist(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join torchrun's process group if there is one; on CUDA each rank takes the GPU of its LOCAL_RANK."""
+    layout = from_env()
+    if not layout.enabled:
+        return layout, device
+    if device.type == "cuda":
+        device = torch.device("cuda", layout.local_rank)
+        torch.cuda.set_device(device)
+    if dist.is_initialized():  # the caller set the group up itself
+        return Dist(dist.get_rank(), dist.get_world_size(), layout.local_rank), device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), layout.local_rank, owns_group=True), device
+
+
+def teardown(layout: Dist) -> None:
+    if layout.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def broadcast_trainable(module: nn.Module, layout: Dist) -> None:
+    """Give every rank rank 0's trainable parameters (the same seed should already make them equal)."""
+    if layout.enabled:
+        for p in trainable(module):
+            dist.broadcast(p.data, src=0)
+
+
+@torch.no_grad()
+def average_gradients(module: nn.Module, layout: Dist) -> None:
+    """Replace each rank's trainable gradients by their mean over the ranks (one all-reduce of a flat buffer).
+
+    A parameter with no gradient on this rank counts as zeros, so every rank sends the same layout."""
+    if not layout.enabled:
+        return
+    params = trainable(module)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])  # (n_trainable,)
+    dist.all_reduce(flat)
+    flat /= layout.world_size
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
+def reduce_metrics(
+    values: dict[str, float], layout: Dist, device: torch.device, sums: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """The mean over ranks of each value (the sum for the keys in `sums`, e.g. counts); the same on every rank."""
+    if not layout.enabled:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    reduced = dict(zip(keys, t.tolist(), strict=True))
+    return {k: int(reduced[k]) if k in sums else reduced[k] / layout.world_size for k in values}
+
+
+def gather_objects(obj: object, layout: Dist) -> list[object]:
+    """`obj` of every rank, in rank order (on every rank)."""
+    if not layout.enabled:
+        return [obj]
+    out: list[object] = [None] * layout.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_shards(num_shards: int, layout: Dist, workers: int = 1) -> None:
+    """Refuse a cache with fewer shards than ranks x data workers: a reader (or a shard-level split) would idle."""
+    needed = layout.world_size * workers
+    if num_shards < needed:
+        raise ValueError(
+            f"the cache has {num_shards} shard(s) but {layout.world_size} rank(s) x {workers} data worker(s) need at "
+            f"least {needed}; rebuild it with a smaller cache.shard_size or run fewer processes"
+        )
