@@ -542,7 +542,13 @@ def cache_inspect(cache_dir: Annotated[Path, typer.Argument(help="The cache fold
 @app.command("train")
 def train_command(
     cache: Annotated[
-        Path, typer.Option("--cache", help="Training teacher cache (diva cache build).", show_default=False)
+        list[Path],
+        typer.Option(
+            "--cache",
+            help="Training teacher cache (diva cache build). Repeat it to mix several caches built with the same "
+            "LLM, prompt, dtype and hidden size: each sample comes from cache i with probability w_i / sum(w).",
+            show_default=False,
+        ),
     ],
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics, config.", show_default=False)
@@ -551,6 +557,15 @@ def train_command(
         Path | None,
         typer.Option("--eval-cache", help="Held-out teacher cache for periodic evaluation.", show_default=False),
     ] = None,
+    cache_weight: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--cache-weight",
+            help="Mixing weight of each --cache, given as often and in the same order (default: 1.0 each), "
+            "e.g. --cache a --cache-weight 3 --cache b --cache-weight 1.",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     resume: Annotated[
@@ -558,7 +573,8 @@ def train_command(
     ] = False,
 ) -> None:
     """Train the student (frozen Whisper encoder -> Q-Former -> projection -> frozen LLM) against a teacher cache.
-    The teacher never runs: the cache holds its targets. Refuses a cache built with another LLM. The run's length
+    The teacher never runs: the cache holds its targets (train.teacher=online recomputes them every step: the
+    no-cache baseline). Refuses a cache built with another LLM. The run's length
     is train.steps; see `diva config show --docs` for every student.* and train.* key. Data-parallel on several
     processes or GPUs: `torchrun --nproc_per_node N -m diva.cli train ...` (train.batch_size is per process; only
     rank 0 shows progress and writes the run folder)."""
@@ -582,6 +598,8 @@ def train_command(
         whisper_dir, llm_dir = resolve_model(cfg.models.whisper), resolve_model(cfg.models.llm)
     except (ConfigError, ModelNotFound) as e:
         raise _fail(str(e)) from e
+    if cache_weight and len(cache_weight) != len(cache):
+        raise _fail(f"{len(cache)} --cache but {len(cache_weight)} --cache-weight; give one weight per cache or none")
     columns = ("steps", BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                TimeRemainingColumn())  # fmt: skip
     main = from_env().is_main  # under torchrun the other ranks stay quiet
@@ -594,7 +612,7 @@ def train_command(
 
         try:
             result = train(cache, out_dir, whisper_dir, llm_dir, cfg.student, cfg.train, cfg.runtime, eval_cache,
-                           resume, progress)  # fmt: skip
+                           resume, progress, cache_weight or None)  # fmt: skip
         except (CacheError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
             raise _fail(str(e)) from e
     if not main:

@@ -184,6 +184,12 @@ class TrainConfig:
     reuse_encoder_outputs: bool = doc(
         "Encode each utterance once and keep the frozen encoder's output in memory for later epochs.", default=False
     )
+    teacher: str = doc(
+        "Where h_T comes from: cache (read from the teacher cache) or online (the student's LLM runs the teacher's "
+        "text pass inside every step: the no-cache baseline; audio, transcripts and alignment targets still come "
+        "from the cache).",
+        default="cache",
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -198,6 +204,8 @@ class TrainConfig:
             raise ConfigError("train.warmup_frac must be in [0, 1) and train.min_lr_ratio in [0, 1]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas must be two values in [0, 1), got {self.betas}")
+        if self.teacher not in ("cache", "online"):
+            raise ConfigError(f"train.teacher must be cache or online, got {self.teacher!r}")
 
 
 @dataclass

@@ -9,6 +9,11 @@ fixed by (seed, e) alone, so a resumed run skips exactly the consumed samples: w
 in the index (never opened), then the first rows of the shard it stopped in. The in-shard shuffle holds one
 shard in memory (shard_size rows, 1-5k at paper scale).
 
+Several caches (`mixed_stream`): draw k takes its sample from cache i with probability w_i / sum(w), decided by a
+generator keyed by (seed, k) alone; each cache keeps its own endless (seed, epoch) stream and `DataPosition`, so
+the mixture's place is a `MixPosition` (the per-cache positions and the draw count) and resumes exactly too.
+One cache with any weight is its plain `sample_stream`.
+
 Distributed runs (`rank_stream`): every rank reads the same (seed, epoch) stream and keeps one sample of each
 run of world_size consecutive ones, the one at its rank; the ranks' data is disjoint, they advance in lockstep
 and share one global position (the position after the whole run of world_size samples).
@@ -16,11 +21,11 @@ and share one global position (the position after the whole run of world_size sa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +34,7 @@ from diva.audio import load_audio
 from diva.student.features import encoder_frames_for, log_mel
 from diva.student.model import DiVAStudent, pad_encoder_outputs
 from diva.teacher_cache.index import read_index
+from diva.teacher_cache.prompt import PromptSpec, teacher_input_ids
 from diva.teacher_cache.read import decode_sample, shard_paths
 
 
@@ -41,6 +47,32 @@ class DataPosition:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class MixPosition:
+    """Where a run stands in a mixture of caches: each cache's own position and the draws made so far."""
+
+    caches: tuple[DataPosition, ...] = field(default_factory=lambda: (DataPosition(),))
+    draws: int = 0
+
+    @property
+    def epoch(self) -> int:
+        """The passes every cache has completed at least (a single cache's own epoch)."""
+        return min(p.epoch for p in self.caches)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"caches": [p.to_dict() for p in self.caches], "draws": self.draws}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MixPosition:
+        """Also reads a checkpoint of before mixing ({"epoch", "consumed"}: one cache; its draw count is unused)."""
+        if "caches" not in data:
+            return cls((DataPosition(**data),), 0)
+        return cls(tuple(DataPosition(**p) for p in data["caches"]), int(data["draws"]))
+
+
+P = TypeVar("P")  # a stream's position type: DataPosition or MixPosition
 
 
 @dataclass
@@ -121,9 +153,38 @@ def sample_stream(
         epoch, consumed = epoch + 1, 0
 
 
-def batched(
-    stream: Iterator[tuple[dict[str, Any], DataPosition]], batch_size: int
-) -> Iterator[tuple[list[dict[str, Any]], DataPosition]]:
+MIX_KEY = 0x6D6978  # "mix": keeps the mixing draws' generators apart from the (seed, epoch[, shard]) ones
+
+
+def mix_choice(weights: Sequence[float], seed: int, draw: int) -> int:
+    """The cache that draw `draw` takes its sample from: i with probability w_i / sum(w), a function of
+    (seed, draw) alone."""
+    cumulative = np.cumsum(np.asarray(weights, dtype=np.float64))
+    u = _rng(seed, MIX_KEY, draw).random() * cumulative[-1]
+    return min(int(np.searchsorted(cumulative, u, side="right")), len(weights) - 1)
+
+
+def mixed_stream(
+    cache_dirs: Sequence[Path], weights: Sequence[float], seed: int, start: MixPosition | None = None
+) -> Iterator[tuple[dict[str, Any], MixPosition]]:
+    """Endless (sample, position after it) pairs drawn from several caches by weight, from `start`."""
+    if len(cache_dirs) != len(weights) or not cache_dirs:
+        raise ValueError(f"{len(cache_dirs)} cache(s) but {len(weights)} weight(s)")
+    if any(not w > 0 for w in weights):
+        raise ValueError(f"cache weights must be > 0, got {list(weights)}")
+    start = start or MixPosition(tuple(DataPosition() for _ in cache_dirs))
+    if len(start.caches) != len(cache_dirs):
+        raise ValueError(f"the data position holds {len(start.caches)} cache(s) but {len(cache_dirs)} were given")
+    streams = [sample_stream(Path(d), seed, p) for d, p in zip(cache_dirs, start.caches, strict=True)]
+    positions, draws = list(start.caches), start.draws
+    while True:
+        i = 0 if len(streams) == 1 else mix_choice(weights, seed, draws)
+        sample, positions[i] = next(streams[i])
+        draws += 1
+        yield sample, MixPosition(tuple(positions), draws)
+
+
+def batched(stream: Iterator[tuple[dict[str, Any], P]], batch_size: int) -> Iterator[tuple[list[dict[str, Any]], P]]:
     """Groups of `batch_size` samples with the position after the group's last one."""
     group: list[dict[str, Any]] = []
     for sample, position in stream:
@@ -134,8 +195,8 @@ def batched(
 
 
 def rank_stream(
-    stream: Iterator[tuple[dict[str, Any], DataPosition]], rank: int, world_size: int
-) -> Iterator[tuple[dict[str, Any], DataPosition]]:
+    stream: Iterator[tuple[dict[str, Any], P]], rank: int, world_size: int
+) -> Iterator[tuple[dict[str, Any], P]]:
     """This rank's share of a (global) stream: of each world_size consecutive samples, the one at `rank`, with
     the global position after all world_size of them (the same on every rank, so one checkpoint resumes all).
 
@@ -204,13 +265,29 @@ def alignment_targets(samples: list[dict[str, Any]], student: DiVAStudent) -> li
     return targets
 
 
-def make_batch(samples: list[dict[str, Any]], encoder: EncoderOutputs) -> Batch:
-    """A Batch of decoded cache samples, on the student's device."""
+class OnlineTeacher:
+    """The online-teacher mode: h_T recomputed inside the step by the transformers teacher, from exactly the
+    teacher input the cache build uses (`teacher_input_ids`), instead of read from the cache."""
+
+    def __init__(self, teacher: Any, prompt: PromptSpec) -> None:
+        self.teacher, self.prompt = teacher, prompt  # teacher: anything with final_hidden (e.g. HFTeacher)
+
+    def __call__(self, text_ids: list[tuple[int, ...]]) -> torch.Tensor:
+        """h_T of each transcript (B, d_llm), float32 on the CPU."""
+        hidden = self.teacher.final_hidden([teacher_input_ids(self.prompt, ids) for ids in text_ids])
+        return torch.from_numpy(np.stack(hidden).astype(np.float32))
+
+
+def make_batch(samples: list[dict[str, Any]], encoder: EncoderOutputs, teacher: OnlineTeacher | None = None) -> Batch:
+    """A Batch of decoded cache samples, on the student's device; with `teacher`, h_T is computed, not read."""
     device = encoder.student.prefix_ids.device
     encoder_out, lengths = pad_encoder_outputs([o.to(device) for o in encoder(samples)])  # (B, T_max, d_w), (B,)
-    h_t = torch.from_numpy(np.stack([s["h_t"] for s in samples]).astype(np.float32))  # (B, d_llm)
-    targets = [t.to(device) for t in alignment_targets(samples, encoder.student)]
     text_ids = [tuple(int(t) for t in s["text_ids"]) for s in samples]
+    if teacher is None:
+        h_t = torch.from_numpy(np.stack([s["h_t"] for s in samples]).astype(np.float32))  # (B, d_llm)
+    else:
+        h_t = teacher(text_ids)  # (B, d_llm)
+    targets = [t.to(device) for t in alignment_targets(samples, encoder.student)]
     return Batch([s["id"] for s in samples], encoder_out, lengths.to(device), h_t.to(device), targets, text_ids)
 
 
@@ -224,3 +301,9 @@ def mean_h_t(cache_dir: Path) -> torch.Tensor:
     d = column.type.list_size
     values = from_stored(column.flatten().to_numpy(zero_copy_only=False), dtype).reshape(-1, d)  # (rows, d)
     return torch.from_numpy(values.astype(np.float64).mean(axis=0).astype(np.float32))
+
+
+def mixed_mean_h_t(cache_dirs: Sequence[Path], weights: Sequence[float]) -> torch.Tensor:
+    """The mean h_T a mixture of caches draws (d,): the caches' means weighted by the mixing weights."""
+    total = float(sum(weights))
+    return sum((w / total) * mean_h_t(d) for d, w in zip(cache_dirs, weights, strict=True))  # type: ignore[return-value]

@@ -18,8 +18,16 @@ rank runs exactly `steps` steps (the stream is endless, so uneven shares cannot 
 means over the ranks, and only rank 0 writes the config, metrics, TensorBoard and checkpoints. A checkpoint
 records the world size and every rank's RNG state; resuming needs the same world size.
 
-Seams left for later: FSDP for large students (see `student.distributed`), the online-teacher mode (compute
-h_T in `make_batch` instead of reading it), mixing several caches (a stream over streams).
+Several training caches mix by weight (`data.mixed_stream`): they must agree on what the student depends on
+(LLM checksum, prompt ids, dtype, hidden size); the checkpoint's data position is then every cache's own
+position plus the draw count (a checkpoint of one cache from before mixing still loads).
+
+`train.teacher: online` recomputes h_T inside each step with the transformers teacher on the student's LLM
+(`data.OnlineTeacher`, from the same `teacher_input_ids` the cache build uses): the no-cache baseline. The
+cache still supplies the audio, transcripts and alignment targets (a cacheless manifest reader is not done),
+and held-out evaluation still reads h_T from the eval cache.
+
+Seams left for later: FSDP for large students (see `student.distributed`), a manifest reader for online mode.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,12 +53,14 @@ from diva.student.data import (
     Batch,
     DataPosition,
     EncoderOutputs,
+    MixPosition,
+    OnlineTeacher,
     batched,
     epoch_samples,
     make_batch,
-    mean_h_t,
+    mixed_mean_h_t,
+    mixed_stream,
     rank_stream,
-    sample_stream,
 )
 from diva.student.distributed import SINGLE, Dist
 from diva.student.losses import align_loss, combined_loss, distill_loss, kl_loss
@@ -72,7 +82,9 @@ DEBUG_RANK_DIR = "DIVA_DEBUG_RANK_DIR"  # test hook: each rank writes the ids it
 class TrainRun:
     """Everything that made a run: saved as run_dir/config.yaml."""
 
-    cache_dir: str = ""
+    cache_dir: str = ""  # the training cache (with several, the first)
+    cache_dirs: list[str] = field(default_factory=list)  # every training cache, in mixing order
+    cache_weights: list[float] = field(default_factory=list)  # their mixing weights
     eval_cache_dir: str | None = None
     whisper_dir: str = ""
     llm_dir: str = ""
@@ -128,7 +140,7 @@ def save_checkpoint(
     student: DiVAStudent,
     optimizer: torch.optim.Optimizer,
     schedule: Any,
-    position: DataPosition,
+    position: MixPosition,
     rank_rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
     """checkpoints/step_XXXXXX/ with weights, state and a json, written under a temp name and renamed.
@@ -178,10 +190,16 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def load_checkpoint(
-    path: Path, student: DiVAStudent, optimizer: torch.optim.Optimizer, schedule: Any, layout: Dist = SINGLE
-) -> tuple[int, DataPosition]:
+    path: Path,
+    student: DiVAStudent,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    layout: Dist = SINGLE,
+    num_caches: int = 1,
+) -> tuple[int, MixPosition]:
     """Restore weights, optimizer, schedule and this rank's RNG from a checkpoint folder; returns (step, data
-    position). Refuses a checkpoint written by a run of another world size (its data split would differ)."""
+    position). Refuses a checkpoint written by a run of another world size (its data split would differ) or
+    over another number of caches."""
     from safetensors.torch import load_file
 
     weights = load_file(str(path / WEIGHTS_FILE))
@@ -195,11 +213,17 @@ def load_checkpoint(
             f"{path} was written by a run of {saved_world} process(es) but this run has {layout.world_size}; "
             f"resume with --nproc_per_node {saved_world} (the data split depends on the world size)"
         )
+    position = MixPosition.from_dict(state["position"])
+    if len(position.caches) != num_caches:
+        raise CacheError(
+            f"{path} was written by a run over {len(position.caches)} cache(s) but this run has {num_caches}; "
+            "resume with the same --cache list (and weights) as the run that wrote it"
+        )
     student.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     set_rng_states(state["rank_rngs"][layout.rank] if "rank_rngs" in state else state["rng"])
-    return int(state["step"]), DataPosition(**state["position"])
+    return int(state["step"]), position
 
 
 # --- metrics ------------------------------------------------------------------------------------------
@@ -237,13 +261,13 @@ class MetricsLog:
 
 def train_step(
     student: DiVAStudent,
-    batches: Iterator[tuple[Batch, DataPosition]],
+    batches: Iterator[tuple[Batch, MixPosition]],
     student_cfg: StudentConfig,
     cfg: TrainConfig,
     optimizer: torch.optim.Optimizer,
     schedule: Any,
     layout: Dist = SINGLE,
-) -> tuple[dict[str, Any], DataPosition]:
+) -> tuple[dict[str, Any], MixPosition]:
     """grad_accum micro-batches, gradients averaged over the ranks, clipping, one AdamW step; returns the step's
     metrics (losses: means over the ranks; align counts: sums) and the data position (the same on every rank)."""
     optimizer.zero_grad(set_to_none=True)
@@ -379,8 +403,32 @@ def open_cache(cache_dir: Path, llm_checksum: str) -> dict[str, Any]:
         raise CacheError(f"refusing to train on {cache_dir}: {e}") from e
 
 
+STUDENT_FINGERPRINT = ("teacher_weights_sha256", "prefix_ids", "suffix_ids", "dtype", "hidden_size")
+
+
+def check_mixable(indexes: dict[Path, dict[str, Any]]) -> None:
+    """Refuse training caches that disagree on a fingerprint field the student depends on."""
+    (first, reference), *rest = indexes.items()
+    for cache_dir, index in rest:
+        differ = [k for k in STUDENT_FINGERPRINT if index["fingerprint"].get(k) != reference["fingerprint"].get(k)]
+        if differ:
+            raise CacheError(
+                f"cannot mix {first} and {cache_dir}: their {', '.join(differ)} differ; every training cache must "
+                "be built with the same teacher, prompt, dtype and hidden size"
+            )
+
+
+def open_online_teacher(
+    llm_dir: Path, prompt: PromptSpec, runtime: RuntimeConfig, device: torch.device
+) -> OnlineTeacher:
+    """The online-teacher mode's h_T source: the transformers teacher on the student's LLM."""
+    from diva.teacher_cache.backends.hf import HFTeacher
+
+    return OnlineTeacher(HFTeacher(llm_dir, dtype=runtime.dtype, device=str(device)), prompt)
+
+
 def train(
-    cache_dir: Path,
+    cache_dir: Path | Sequence[Path],
     run_dir: Path,
     whisper_dir: Path,
     llm_dir: Path,
@@ -390,13 +438,19 @@ def train(
     eval_cache_dir: Path | None = None,
     resume: bool = False,
     progress: Callable[[int, dict[str, Any]], None] | None = None,
+    cache_weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Train the student for train_cfg.steps steps; returns the last train and eval metrics and the checkpoint.
 
-    Under torchrun this runs on every rank (see the module doc); `progress` is called on rank 0 only."""
+    `cache_dir`: one training cache or several, mixed by `cache_weights` (default: all 1.0). Under torchrun this
+    runs on every rank (see the module doc); `progress` is called on rank 0 only."""
     from transformers import WhisperFeatureExtractor
 
-    cache_dir, run_dir = Path(cache_dir), Path(run_dir)
+    cache_dirs = [Path(cache_dir)] if isinstance(cache_dir, str | Path) else [Path(d) for d in cache_dir]
+    weights = [1.0] * len(cache_dirs) if cache_weights is None else [float(w) for w in cache_weights]
+    if not cache_dirs or len(weights) != len(cache_dirs) or any(not w > 0 for w in weights):
+        raise ValueError(f"need one weight > 0 per training cache: {len(cache_dirs)} cache(s), weights {weights}")
+    cache_dir, run_dir = cache_dirs[0], Path(run_dir)
     checkpoints = list_checkpoints(run_dir)
     if checkpoints and not resume:
         raise FileExistsError(f"{run_dir} already holds checkpoints; pass resume=True or choose another run_dir")
@@ -407,8 +461,10 @@ def train(
         dtype = resolve_dtype(runtime.dtype, device)
 
         llm_checksum = weights_checksum(Path(llm_dir))
-        index = open_cache(cache_dir, llm_checksum)
-        distributed.check_shards(len(index["shards"]), layout)
+        indexes = {d: open_cache(d, llm_checksum) for d in cache_dirs}
+        check_mixable(indexes)
+        index = indexes[cache_dir]
+        distributed.check_shards(sum(len(i["shards"]) for i in indexes.values()), layout)
         if eval_cache_dir is not None:
             eval_index = open_cache(Path(eval_cache_dir), llm_checksum)
             if eval_index["prompt"]["prefix_ids"] != index["prompt"]["prefix_ids"] or (
@@ -418,7 +474,8 @@ def train(
         if layout.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             eval_dir = str(eval_cache_dir) if eval_cache_dir else None
-            run = TrainRun(str(cache_dir), eval_dir, str(whisper_dir), str(llm_dir), student_cfg, train_cfg, runtime)
+            run = TrainRun(str(cache_dir), [str(d) for d in cache_dirs], weights, eval_dir, str(whisper_dir),
+                           str(llm_dir), student_cfg, train_cfg, runtime)  # fmt: skip
             save_config(run, run_dir / "config.yaml", made_by="diva.student.train.train")
 
         torch.manual_seed(train_cfg.seed)  # the same initialisation on every rank (and rank 0's is broadcast)
@@ -429,18 +486,19 @@ def train(
         if layout.enabled:  # each rank its own dropout draws
             torch.manual_seed(train_cfg.seed + layout.rank)
         optimizer, schedule = build_optimizer(student, train_cfg)
-        step, position, resumed_from = 0, DataPosition(), None
+        step, position, resumed_from = 0, MixPosition(tuple(DataPosition() for _ in cache_dirs)), None
         if resume and checkpoints:
-            step, position = load_checkpoint(checkpoints[-1], student, optimizer, schedule, layout)
+            step, position = load_checkpoint(checkpoints[-1], student, optimizer, schedule, layout, len(cache_dirs))
             resumed_from = step
         log = MetricsLog(run_dir, resumed_from) if layout.is_main else None
 
         feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir)
         encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, train_cfg.reuse_encoder_outputs)
-        samples = rank_stream(sample_stream(cache_dir, train_cfg.seed, position), layout.rank, layout.world_size)
-        stream = batched(samples, train_cfg.batch_size)
+        teacher = open_online_teacher(Path(llm_dir), prompt, runtime, device) if train_cfg.teacher == "online" else None
+        mixed = mixed_stream(cache_dirs, weights, train_cfg.seed, position)
+        stream = batched(rank_stream(mixed, layout.rank, layout.world_size), train_cfg.batch_size)
         consumed_ids: list[str] = []  # kept for the DIVA_DEBUG_RANK_DIR test hook only
-        batches = ((make_batch(group, encoder), pos) for group, pos in stream)
+        batches = ((make_batch(group, encoder, teacher), pos) for group, pos in stream)
         if os.environ.get(DEBUG_RANK_DIR):
             batches = recording(batches, consumed_ids)
 
@@ -448,8 +506,8 @@ def train(
         if eval_cache_dir is not None and layout.is_main:  # rank 0 evaluates while the others wait at the all-reduce
             lm_head = student.lm_head if student.lm_head is not None else load_lm_head(Path(llm_dir), dtype, device)
             eval_encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, True)
-            held_out = HeldOut(Path(eval_cache_dir), eval_encoder, lm_head, mean_h_t(cache_dir), train_cfg.batch_size,
-                               train_cfg.eval_batches)  # fmt: skip
+            held_out = HeldOut(Path(eval_cache_dir), eval_encoder, lm_head, mixed_mean_h_t(cache_dirs, weights),
+                               train_cfg.batch_size, train_cfg.eval_batches)  # fmt: skip
 
         last_train: dict[str, Any] = {}
         last_eval: dict[str, Any] = {}
@@ -464,6 +522,7 @@ def train(
                 "split": "train",
                 "step": step,
                 "epoch": position.epoch,
+                **({"epochs": [p.epoch for p in position.caches]} if len(cache_dirs) > 1 else {}),
                 **metrics,
                 "samples_per_s": samples_per_s,
             }
@@ -497,7 +556,7 @@ def train(
     }
 
 
-def recording(batches: Iterator[tuple[Batch, DataPosition]], ids: list[str]) -> Iterator[tuple[Batch, DataPosition]]:
+def recording(batches: Iterator[tuple[Batch, MixPosition]], ids: list[str]) -> Iterator[tuple[Batch, MixPosition]]:
     """Test hook: the batches unchanged, each batch's utterance ids appended to `ids` as it is taken."""
     for batch, position in batches:
         ids.extend(batch.ids)

@@ -1,7 +1,8 @@
 """The trainer end to end on real clips with the tiny random Whisper and Llama: the cache's targets vary, a short run
 lowers L_distill and writes its files, a resumed run equals an uninterrupted one, a cache of another LLM is refused,
-and the trained student is scored against the audio-blind control and the mean-h_T predictor, and two torchrun
-processes (gloo, CPU) train on disjoint halves of the data and end with identical weights."""
+and the trained student is scored against the audio-blind control and the mean-h_T predictor, two torchrun
+processes (gloo, CPU) train on disjoint halves of the data and end with identical weights, two caches mix by
+weight and resume exactly, and the online-teacher mode's losses equal the cache's."""
 
 from __future__ import annotations
 
@@ -23,10 +24,18 @@ from safetensors.torch import load_file
 from diva.config import RuntimeConfig, load_config
 from diva.manifests.importers.base import ImportOptions
 from diva.manifests.prepare import import_corpus
-from diva.student.data import DataPosition, epoch_samples, rank_stream, sample_stream
+from diva.student.data import (
+    DataPosition,
+    MixPosition,
+    epoch_samples,
+    mix_choice,
+    mixed_stream,
+    rank_stream,
+    sample_stream,
+)
 from diva.student.distributed import Dist, check_shards
 from diva.student.model import StudentConfig
-from diva.student.train import TrainConfig, TrainRun, lr_factor, train
+from diva.student.train import TrainConfig, TrainRun, check_mixable, lr_factor, train
 from diva.teacher_cache.build import build_cache
 from diva.teacher_cache.index import CacheError
 from diva.teacher_cache.read import open_table
@@ -127,7 +136,7 @@ def test_short_run_learns_and_writes_its_files(caches, tiny_whisper, tiny_llama,
     weights = load_file(str(run / "checkpoints" / "step_000040" / "trainable.safetensors"))
     assert any(k.startswith("adapter.queries") for k in weights) and any(k.startswith("projection") for k in weights)
     state = torch.load(run / "checkpoints" / "step_000040" / "state.pt", weights_only=True)
-    assert state["position"] == {"epoch": 8, "consumed": 0}
+    assert state["position"] == {"caches": [{"epoch": 8, "consumed": 0}], "draws": 160}
 
 
 def test_resume_equals_an_uninterrupted_run(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
@@ -305,3 +314,105 @@ def test_torchrun_two_ranks_see_disjoint_data_and_end_equal(caches, tiny_whisper
     for r in range(2):
         assert json.loads((tmp_path / "debug-resumed" / f"rank{r}_ids.json").read_text()) == order[r::2][:4]
     assert [r["step"] for r in _records(run)] == list(range(1, 8))
+
+
+# --- several caches, mixed by weight ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def halves(speech_dir: Path, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The 20 train clips split into two caches of 10 (two speakers each)."""
+    clips = _clips(speech_dir)
+    unseen = ("_theo_", "_yweweler_")
+    rows = [r for r in clips if not any(u in r["file"] for u in unseen)]
+    return [_build(speech_dir, part, tiny_llama, tmp_path_factory.mktemp(f"half{k}")) for k, part in
+            enumerate((rows[:10], rows[10:]))]  # fmt: skip
+
+
+def test_mixed_stream_draws_by_weight_and_resumes(halves: list[Path]) -> None:
+    ids = [{s["id"] for s in epoch_samples(h, seed=0, epoch=0)} for h in halves]
+    assert len(ids[0]) == len(ids[1]) == 10 and not ids[0] & ids[1]
+    drawn = list(islice(mixed_stream(halves, [3.0, 1.0], seed=5), 200))
+    from_first = sum(s["id"] in ids[0] for s, _ in drawn)
+    assert from_first == 158  # a function of the seed alone (numpy's PCG64 is stable across versions)
+    assert 0.7 < from_first / 200 < 0.8  # about 3:1
+    assert [s["id"] for s, _ in drawn] == [s["id"] for s, _ in islice(mixed_stream(halves, [3.0, 1.0], seed=5), 200)]
+    assert [mix_choice([3.0, 1.0], 5, k) for k in range(200)].count(0) == from_first
+    last = drawn[-1][1]
+    assert last.draws == 200 and sum(p.epoch * 10 + p.consumed for p in last.caches) == 200
+    # each cache runs through its own (seed, epoch) order: the first 10 draws from cache 0 are its epoch 0
+    assert [s["id"] for s, _ in drawn if s["id"] in ids[0]][:10] == [s["id"] for s in epoch_samples(halves[0], 5, 0)]
+    resumed = mixed_stream(halves, [3.0, 1.0], seed=5, start=drawn[49][1])
+    assert [s["id"] for s, _ in drawn[50:]] == [next(resumed)[0]["id"] for _ in range(150)]
+    assert MixPosition.from_dict(last.to_dict()) == last
+    old = MixPosition.from_dict({"epoch": 8, "consumed": 3})  # a checkpoint of before mixing: one cache
+    assert old.caches == (DataPosition(8, 3),) and old.epoch == 8
+
+
+def test_caches_that_disagree_are_not_mixed() -> None:
+    fingerprint = {"teacher_weights_sha256": "abc", "prefix_ids": [1, 2], "suffix_ids": [3], "dtype": "float32",
+                   "hidden_size": 128, "manifest_sha256": "m1"}  # fmt: skip
+    other_corpus = {**fingerprint, "manifest_sha256": "m2"}
+    check_mixable({Path("a"): {"fingerprint": fingerprint}, Path("b"): {"fingerprint": other_corpus}})  # fine
+    other = {Path("a"): {"fingerprint": fingerprint}, Path("b"): {"fingerprint": {**fingerprint, "dtype": "float16"}}}
+    with pytest.raises(CacheError, match="cannot mix a and b: their dtype differ"):
+        check_mixable(other)
+
+
+def test_resume_with_two_caches_equals_an_uninterrupted_run(halves, tiny_whisper, tiny_llama, tmp_path) -> None:
+    cfg = _train_cfg(steps=6, batch_size=3, checkpoint_every=3)
+    straight, halted = tmp_path / "straight", tmp_path / "halted"
+    done = train(halves, straight, tiny_whisper, tiny_llama, STUDENT, cfg, RUNTIME, cache_weights=[3.0, 1.0])
+    assert done["position"]["draws"] == 18 and len(done["position"]["caches"]) == 2
+    shutil.copytree(straight, halted)
+    shutil.rmtree(halted / "checkpoints" / "step_000006")
+    result = train(halves, halted, tiny_whisper, tiny_llama, STUDENT, cfg, RUNTIME, resume=True, cache_weights=[3, 1])
+    assert result["resumed_from"] == 3 and result["position"] == done["position"]
+    keys = ("step", "loss", "distill", "align", "lr", "grad_norm", "epochs")
+    assert [[r[k] for k in keys] for r in _records(halted)] == [[r[k] for k in keys] for r in _records(straight)]
+    saved = load_config(straight / "config.yaml", cls=TrainRun)
+    assert saved.cache_dirs == [str(h) for h in halves] and saved.cache_weights == [3.0, 1.0]
+    with pytest.raises(CacheError, match="2 cache.* this run has 1"):
+        train(halves[0], halted, tiny_whisper, tiny_llama, STUDENT, cfg, RUNTIME, resume=True)
+
+
+def test_cli_mixes_caches_with_one_weight_each(halves, tiny_whisper, tiny_llama, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from diva.cli import app
+
+    args = ["train", "--cache", str(halves[0]), "--cache", str(halves[1]), "--cache-weight", "3",
+            "--out", str(tmp_path / "run"), "-c", "tiny", "--set", f"models.whisper={tiny_whisper}",
+            "--set", f"models.llm={tiny_llama}"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "2 --cache but 1 --cache-weight" in result.output
+    result = CliRunner().invoke(app, [*args, "--cache-weight", "1", "--set", "train.steps=2", "--set",
+                                      "train.batch_size=2", "--set", "runtime.threads=1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert load_config(tmp_path / "run" / "config.yaml", cls=TrainRun).cache_weights == [3.0, 1.0]
+
+
+# --- the online-teacher mode ----------------------------------------------------------------------------------
+
+
+def test_online_teacher_matches_the_cache(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
+    """h_T recomputed inside the step from teacher_input_ids equals the float32 cache's: the same first losses."""
+    runs = {}
+    for mode in ("cache", "online"):
+        train(caches["train"], tmp_path / mode, tiny_whisper, tiny_llama, STUDENT, _train_cfg(steps=2, teacher=mode),
+              RUNTIME)  # fmt: skip
+        runs[mode] = _records(tmp_path / mode)
+    for key in ("loss", "distill", "align"):
+        assert runs["online"][0][key] == pytest.approx(runs["cache"][0][key], abs=1e-4), key
+
+    from diva.student.train import open_online_teacher
+    from diva.teacher_cache.index import read_index
+    from diva.teacher_cache.prompt import PromptSpec
+
+    prompt = PromptSpec.from_json(read_index(caches["train"])["prompt"])
+    teacher = open_online_teacher(tiny_llama, prompt, RUNTIME, torch.device("cpu"))
+    rows = list(islice(epoch_samples(caches["train"], seed=0, epoch=0), 5))
+    online = teacher([tuple(int(t) for t in s["text_ids"]) for s in rows])  # (5, d)
+    stored = torch.from_numpy(np.stack([s["h_t"] for s in rows]))  # (5, d)
+    assert online.shape == stored.shape and torch.allclose(online, stored, atol=1e-4)
+    assert not torch.allclose(online[0], online[1:].mean(0), atol=1e-2)  # the rows differ: not a trivial match
