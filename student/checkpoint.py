@@ -1,0 +1,238 @@
+"""A trained student as a self-describing folder, and loading it back for inference.
+
+    save_pretrained(student, out_dir, ...) -> out_dir/config.json   the base Whisper and LLM (path AND weight
+                                                                    checksum), the prompt ids and texts, the
+                                                                    StudentConfig
+                                           -> out_dir/model.safetensors   the trainable weights only
+    load_pretrained(path) -> (DiVAStudent with the LLM's lm_head, StudentInfo)
+
+`load_pretrained` also takes a `diva train` run folder: its config.yaml names the Whisper and LLM folders, the
+student config and the training cache; the latest complete checkpoint holds the trainable weights. A run folder
+does not hold the prompt itself: it is read from the training cache's index.json (the ids the student trained
+with), and the LLM is checked against the cache's teacher checksum. A run records no Whisper checksum, so for a
+run folder the Whisper weights cannot be verified (`StudentInfo.whisper_verified` says so).
+
+Only json and safetensors are read: no pickle, no remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diva import __version__
+from diva.config import StudentConfig, from_dict, load_config, to_dict
+from diva.student.model import DiVAStudent, build_adapter
+from diva.teacher_cache.prompt import PromptSpec
+from diva.zoo.checksum import weights_checksum
+
+FORMAT = "diva-student-v1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A student folder that cannot be loaded: missing files, other base models, tensors that do not fit."""
+
+
+@dataclass(frozen=True)
+class StudentInfo:
+    """What a loaded student was made of, and how far it could be verified."""
+
+    source: str  # "pretrained" (a save_pretrained folder) or "run" (a `diva train` run folder)
+    path: Path  # the folder the trainable weights came from
+    whisper_dir: Path
+    llm_dir: Path
+    prompt: PromptSpec
+    student_cfg: StudentConfig
+    llm_checksum: str
+    whisper_checksum: str | None  # None: the source recorded none (a run folder)
+    whisper_verified: bool
+    step: int | None = None  # the training step of a run checkpoint
+
+
+# --- building the student with its lm_head -------------------------------------------------------------
+
+
+def build_student(
+    whisper_dir: Path, llm_dir: Path, prompt: PromptSpec, cfg: StudentConfig, dtype: torch.dtype = torch.float32
+) -> DiVAStudent:
+    """Like DiVAStudent.from_pretrained_parts, but always keeping the LLM's lm_head (generation needs it).
+
+    The frozen encoder and LLM are held in `dtype`; the trainable parts stay float32."""
+    from transformers import AutoModelForCausalLM, WhisperModel
+
+    whisper = WhisperModel.from_pretrained(whisper_dir, dtype=torch.float32)
+    adapter = build_adapter(cfg.adapter, whisper.get_decoder(), cfg.num_queries)
+    encoder = whisper.get_encoder().to(dtype)
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+    d_llm = int(llm.config.get_text_config().hidden_size)
+    projection = nn.Linear(whisper.config.d_model, d_llm, bias=True)
+    return DiVAStudent(
+        encoder,
+        adapter,
+        projection,
+        llm,
+        prompt.prefix_ids,
+        prompt.suffix_ids,
+        reuse_prefix_kv=cfg.reuse_prefix_kv,
+        keep_lm_head=True,
+    )
+
+
+# --- save ----------------------------------------------------------------------------------------------
+
+
+def save_pretrained(
+    student: DiVAStudent,
+    out_dir: str | Path,
+    whisper_dir: str | Path,
+    llm_dir: str | Path,
+    prompt: PromptSpec,
+    student_cfg: StudentConfig,
+) -> Path:
+    """Write config.json + model.safetensors (trainable weights) under a temporary name, then rename."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if list(student.prefix_ids.tolist()) != list(prompt.prefix_ids) or (
+        list(student.suffix_ids.tolist()) != list(prompt.suffix_ids)
+    ):
+        raise CheckpointError("the prompt given is not the one the student was built with (prefix/suffix ids differ)")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in student.trainable_state_dict().items()}
+    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+    config = {
+        "format": FORMAT,
+        "code_version": __version__,
+        "whisper": {"path": str(Path(whisper_dir).resolve()), "weights_sha256": weights_checksum(Path(whisper_dir))},
+        "llm": {"path": str(Path(llm_dir).resolve()), "weights_sha256": weights_checksum(Path(llm_dir))},
+        "prompt": prompt.to_json(),
+        "student": to_dict(student_cfg),
+        "tensors": sorted(weights),
+    }
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+# --- load ----------------------------------------------------------------------------------------------
+
+
+def _check_checksum(kind: str, model_dir: Path, expected: str, source: Path) -> str:
+    actual = weights_checksum(model_dir)
+    if actual != expected:
+        raise CheckpointError(
+            f"{source} was trained on a {kind} whose weights checksum is {expected[:12]}..., but {model_dir} has "
+            f"{actual[:12]}...; give the {kind} folder it was trained with (--{kind.lower()} / {kind.lower()}_dir=)"
+        )
+    return actual
+
+
+def _read_pretrained(path: Path, whisper_dir: Path | None, llm_dir: Path | None) -> tuple[StudentInfo, Path]:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: cannot read the student config ({e})") from e
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{path / CONFIG_FILE}: format {config.get('format')!r}, expected {FORMAT!r}")
+    whisper = Path(whisper_dir or config["whisper"]["path"])
+    llm = Path(llm_dir or config["llm"]["path"])
+    info = StudentInfo(
+        source="pretrained",
+        path=path,
+        whisper_dir=whisper,
+        llm_dir=llm,
+        prompt=PromptSpec.from_json(config["prompt"]),
+        student_cfg=from_dict(StudentConfig, config["student"], source=str(path / CONFIG_FILE)),
+        llm_checksum=_check_checksum("LLM", llm, config["llm"]["weights_sha256"], path),
+        whisper_checksum=_check_checksum("Whisper", whisper, config["whisper"]["weights_sha256"], path),
+        whisper_verified=True,
+    )
+    return info, path / WEIGHTS_FILE
+
+
+def _read_run(path: Path, whisper_dir: Path | None, llm_dir: Path | None) -> tuple[StudentInfo, Path]:
+    from diva.student.train import WEIGHTS_FILE as RUN_WEIGHTS
+    from diva.student.train import TrainRun, list_checkpoints
+    from diva.teacher_cache.index import CacheError, read_index
+
+    run = load_config(path / "config.yaml", cls=TrainRun)
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise CheckpointError(f"{path}: a run folder without a complete checkpoint (checkpoints/step_*/)")
+    try:
+        index = read_index(Path(run.cache_dir))
+    except CacheError as e:
+        raise CheckpointError(
+            f"{path}: the prompt ids are not stored in the run folder but in its training cache's index, which "
+            f"cannot be read ({e}); export the student with save_pretrained while the cache exists"
+        ) from e
+    llm = Path(llm_dir or run.llm_dir)
+    latest = checkpoints[-1]
+    info = StudentInfo(
+        source="run",
+        path=latest,
+        whisper_dir=Path(whisper_dir or run.whisper_dir),
+        llm_dir=llm,
+        prompt=PromptSpec.from_json(index["prompt"]),
+        student_cfg=run.student,
+        llm_checksum=_check_checksum("LLM", llm, index["fingerprint"]["teacher_weights_sha256"], path),
+        whisper_checksum=None,  # a run records no Whisper checksum: not verifiable
+        whisper_verified=False,
+        step=int(json.loads((latest / "checkpoint.json").read_text())["step"]),
+    )
+    return info, latest / RUN_WEIGHTS
+
+
+def load_pretrained(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    whisper_dir: str | Path | None = None,
+    llm_dir: str | Path | None = None,
+) -> tuple[DiVAStudent, StudentInfo]:
+    """Load a save_pretrained folder or a `diva train` run folder (its latest checkpoint) for inference.
+
+    `whisper_dir` / `llm_dir` replace the recorded folders (models that moved); their weights must still have
+    the recorded checksums. The student comes back in eval mode on `device`, with the LLM's lm_head."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    whisper = Path(whisper_dir) if whisper_dir is not None else None
+    llm = Path(llm_dir) if llm_dir is not None else None
+    if (path / CONFIG_FILE).is_file():
+        info, weights_path = _read_pretrained(path, whisper, llm)
+    elif (path / "config.yaml").is_file():
+        info, weights_path = _read_run(path, whisper, llm)
+    else:
+        raise CheckpointError(f"{path}: neither a saved student ({CONFIG_FILE}) nor a train run folder (config.yaml)")
+    student = build_student(info.whisper_dir, info.llm_dir, info.prompt, info.student_cfg, dtype=dtype)
+    weights = load_file(str(weights_path))
+    expected = set(student.trainable_state_dict())
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise CheckpointError(
+            f"{weights_path}: tensors do not match this student's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}); was it saved with another student config?"
+        )
+    student.load_state_dict(weights, strict=False)
+    return student.to(device).eval(), info
+
+
+def load_processors(info: StudentInfo) -> tuple[Any, Any]:
+    """The LLM's tokenizer and Whisper's feature extractor for a loaded student (what `generate` needs)."""
+    from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+    return AutoTokenizer.from_pretrained(info.llm_dir), WhisperFeatureExtractor.from_pretrained(info.whisper_dir)

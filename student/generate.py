@@ -1,0 +1,248 @@
+"""Answer spoken input with the student: the frozen LLM decodes after [embed(prefix), audio tokens, embed(suffix)].
+
+    audio (any length) -> 30 s chunks -> log-mel -> encoder -> adapter -> projection: k x Q audio tokens
+    rows left-padded to one length (attention mask + position ids, so pads never change an answer)
+    step 0: LLM over the whole input, keys/values cached; step t: one new token per row on top of the cache
+    greedy by default (temperature / top-p sampling optional); a row stops at the LLM's eos / end-of-turn ids
+
+With a text instruction the prompt becomes the chat template rendered once with a system turn (the
+instruction) and a placeholder user turn, split at the placeholder as the teacher cache's prompt is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diva.student.features import encoder_frames_for, log_mel
+from diva.student.model import DiVAStudent
+from diva.teacher_cache.prompt import (
+    PLACEHOLDER,
+    PromptError,
+    PromptSpec,
+    _check_date_independent,
+    template_source,
+)
+
+SAMPLE_RATE = 16_000
+CHUNK_SAMPLES = 30 * SAMPLE_RATE  # Whisper's window: each chunk gives Q audio tokens
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` returns, one entry per input clip."""
+
+    texts: list[str]  # the decoded answers (without the stop token)
+    token_ids: list[list[int]]  # the generated ids, the stop token included when one was produced
+    finished: list[bool]  # True: stopped at an eos id; False: ran into max_new_tokens
+    chunks: list[int]  # 30 s chunks each clip was encoded in (k: the row held k x Q audio tokens)
+    prompt: PromptSpec  # the prompt ids used (texts and template hash empty when it is the student's own)
+
+
+# --- prompt, chunks, stop ids -------------------------------------------------------------------------
+
+
+def instruction_prompt(tokenizer: Any, instruction: str, date_string: str | None = None) -> PromptSpec:
+    """The chat template rendered once with a system turn (`instruction`) and a placeholder user turn, split
+    into prefix and suffix ids like `teacher_cache.prompt.build_prompt`."""
+    import hashlib
+
+    source = template_source(tokenizer)
+    _check_date_independent(tokenizer, source, date_string)
+    kwargs = {"date_string": date_string} if date_string is not None else {}
+    messages = [{"role": "system", "content": instruction}, {"role": "user", "content": PLACEHOLDER}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    if text.count(PLACEHOLDER) != 1:
+        raise PromptError(f"the rendered chat template holds the user message {text.count(PLACEHOLDER)} times")
+    if instruction not in text:
+        raise PromptError("the chat template dropped the system message; it cannot carry a text instruction")
+    prefix_text, suffix_text = text.split(PLACEHOLDER)
+    if not suffix_text:
+        raise PromptError("the chat template renders nothing after the user message (no generation prompt)")
+    return PromptSpec(
+        prefix_ids=tuple(tokenizer(prefix_text, add_special_tokens=False).input_ids),
+        suffix_ids=tuple(tokenizer(suffix_text, add_special_tokens=False).input_ids),
+        prefix_text=prefix_text,
+        suffix_text=suffix_text,
+        template_sha256=hashlib.sha256(source.encode("utf-8")).hexdigest(),
+        date_string=date_string,
+    )
+
+
+def split_chunks(audio: np.ndarray, chunk_samples: int = CHUNK_SAMPLES) -> list[np.ndarray]:
+    """Consecutive chunks of at most 30 s (one chunk for a clip of 30 s or less, even an empty one)."""
+    count = num_chunks(len(audio), chunk_samples)
+    return [audio[i * chunk_samples : (i + 1) * chunk_samples] for i in range(count)]
+
+
+def num_chunks(num_samples: int, chunk_samples: int = CHUNK_SAMPLES) -> int:
+    """How many 30 s chunks a clip of `num_samples` is encoded in."""
+    return max(1, math.ceil(num_samples / chunk_samples))
+
+
+def eos_token_ids(llm_dir: str | Path, tokenizer: Any | None = None) -> list[int]:
+    """The LLM's stop ids: generation_config.eos_token_id (an int or a list), plus the tokenizer's eos."""
+    from transformers import GenerationConfig
+
+    ids: list[int] = []
+    try:
+        eos = GenerationConfig.from_pretrained(llm_dir).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's eos only
+        eos = None
+    ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError(f"{llm_dir}: no eos id in generation_config.json or the tokenizer; pass eos_ids")
+    return ids
+
+
+# --- audio tokens ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def audio_tokens_per_clip(
+    student: DiVAStudent, audios: Sequence[np.ndarray], feature_extractor: Any, trim_mel: bool
+) -> list[torch.Tensor]:
+    """(k_b x Q, d_llm) audio tokens for each clip: its 30 s chunks encoded separately, their tokens concatenated.
+
+    Each chunk is featurised alone (a batch changes nothing but zero padding, which the encoder masks)."""
+    chunks = [split_chunks(np.asarray(a, dtype=np.float32)) for a in audios]
+    flat = [c for clip in chunks for c in clip]
+    device = student.prefix_ids.device
+    mels, frames = zip(*(log_mel([c], feature_extractor, trim=trim_mel) for c in flat), strict=True)
+    width = max(m.shape[-1] for m in mels)
+    features = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[-1])) for m in mels])  # (C, n_mels, T)
+    frames_t = torch.cat(frames).to(device)  # (C,)
+    encoder_out = student.encode_audio(features.to(device), frames_t if trim_mel else None)  # (C, T_enc, d_w)
+    lengths = encoder_frames_for(frames_t) if trim_mel else None
+    v = student.audio_tokens(encoder_out, lengths)  # (C, Q, d_llm)
+    out, start = [], 0
+    for clip in chunks:
+        out.append(v[start : start + len(clip)].flatten(0, 1))  # (k Q, d_llm)
+        start += len(clip)
+    return out
+
+
+# --- decoding -------------------------------------------------------------------------------------------
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (L_b, d) -> zero left-padded (B, L_max, d) and the attention mask (B, L_max) (1 on real positions)."""
+    width = max(r.shape[0] for r in rows)
+    padded = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])  # (B, L_max, d)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=rows[0].device)  # (B, L_max)
+    for b, row in enumerate(rows):
+        padded[b, width - row.shape[0] :] = row
+        mask[b, width - row.shape[0] :] = 1
+    return padded, mask
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, L) counting real tokens only, so a left-padded row is positioned as if alone."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def next_tokens(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(B, vocab) logits -> (B,) ids: argmax, or a draw from the temperature-scaled top-p nucleus."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, vocab)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _last_logits(student: DiVAStudent, embeds: torch.Tensor, mask: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, Any]:
+    """One LLM pass; lm_head at the last position -> ((B, vocab) logits, the KV cache)."""
+    positions = positions_of(mask)[:, -embeds.shape[1] :]  # (B, L_new)
+    out = student.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kw)
+    return student.lm_head(out.last_hidden_state[:, -1]), out.past_key_values  # (B, vocab)
+
+
+@torch.no_grad()
+def generate(
+    student: DiVAStudent,
+    audios: Sequence[np.ndarray],
+    prompt_text: str | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    *,
+    tokenizer: Any,
+    feature_extractor: Any,
+    eos_ids: Sequence[int] | None = None,
+    trim_mel: bool = True,
+    date_string: str | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> GenerationResult:
+    """Answer each 16 kHz float32 clip; greedy unless `do_sample`.
+
+    `prompt_text` is a text instruction, rendered in a system turn before the user turn (None: the student's
+    own prompt, as trained; `date_string` pins a dated template's date, as the cache's PromptSpec does).
+    `eos_ids`: the stop ids (None: `eos_token_ids` of the tokenizer's LLM folder). `trim_mel` as the student was
+    trained (StudentConfig.trim_mel). `use_cache=False` recomputes the whole sequence at every step (for tests)."""
+    if student.lm_head is None:
+        raise ValueError("this student has no lm_head; load it with student.checkpoint.load_pretrained")
+    if not audios:
+        raise ValueError("generate needs at least one clip")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    device = student.prefix_ids.device
+    if prompt_text is None:
+        prefix_ids, suffix_ids = student.prefix_ids, student.suffix_ids
+        prompt = PromptSpec(tuple(prefix_ids.tolist()), tuple(suffix_ids.tolist()), "", "", "")
+    else:
+        prompt = instruction_prompt(tokenizer, prompt_text, date_string)
+        prefix_ids = torch.tensor(prompt.prefix_ids, dtype=torch.long, device=device)
+        suffix_ids = torch.tensor(prompt.suffix_ids, dtype=torch.long, device=device)
+
+    embed = student.llm.get_input_embeddings()
+    prefix, suffix = embed(prefix_ids), embed(suffix_ids)  # (P, d), (S, d)
+    tokens = audio_tokens_per_clip(student, audios, feature_extractor, trim_mel)
+    rows = [torch.cat([prefix, v.to(prefix.dtype), suffix]) for v in tokens]  # (P + k_b Q + S, d) each
+    embeds, mask = left_pad(rows)  # (B, L, d), (B, L)
+
+    if eos_ids is None:
+        eos_ids = eos_token_ids(tokenizer.name_or_path, tokenizer)
+    stop = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    batch = len(rows)
+    generated = torch.empty(batch, 0, dtype=torch.long, device=device)  # (B, t)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    logits, cache = _last_logits(student, embeds, mask, use_cache=use_cache)
+    for step in range(max_new_tokens):
+        token = next_tokens(logits, do_sample, temperature, top_p, generator)  # (B,)
+        token = torch.where(done, stop[0], token)  # finished rows repeat a stop id, later dropped
+        generated = torch.cat([generated, token[:, None]], dim=1)
+        done = done | torch.isin(token, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # (B, L + t)
+        if use_cache:
+            logits, cache = _last_logits(student, embed(token)[:, None], mask, past_key_values=cache, use_cache=True)
+        else:  # the whole sequence again: the reference the cached path must equal
+            full = torch.cat([embeds, embed(generated)], dim=1)  # (B, L + t, d)
+            logits, _ = _last_logits(student, full, mask, use_cache=False)
+
+    ids, finished = [], []
+    stop_set = set(stop.tolist())
+    for row in generated.tolist():
+        end = next((i for i, t in enumerate(row) if t in stop_set), None)
+        ids.append(row if end is None else row[: end + 1])
+        finished.append(end is not None)
+    texts = [tokenizer.decode([t for t in r if t not in stop_set], skip_special_tokens=True) for r in ids]
+    chunks = [num_chunks(len(a)) for a in audios]
+    return GenerationResult(texts=texts, token_ids=ids, finished=finished, chunks=chunks, prompt=prompt)
