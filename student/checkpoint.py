@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from diva import __version__
 from diva.config import StudentConfig, from_dict, load_config, to_dict
-from diva.student.model import DiVAStudent, build_adapter
+from diva.student.model import DiVAStudent
 from diva.teacher_cache.prompt import PromptSpec
 from diva.zoo.checksum import weights_checksum
 
@@ -56,35 +55,6 @@ class StudentInfo:
     whisper_checksum: str | None  # None: the source recorded none (a run folder)
     whisper_verified: bool
     step: int | None = None  # the training step of a run checkpoint
-
-
-# --- building the student with its lm_head -------------------------------------------------------------
-
-
-def build_student(
-    whisper_dir: Path, llm_dir: Path, prompt: PromptSpec, cfg: StudentConfig, dtype: torch.dtype = torch.float32
-) -> DiVAStudent:
-    """Like DiVAStudent.from_pretrained_parts, but always keeping the LLM's lm_head (generation needs it).
-
-    The frozen encoder and LLM are held in `dtype`; the trainable parts stay float32."""
-    from transformers import AutoModelForCausalLM, WhisperModel
-
-    whisper = WhisperModel.from_pretrained(whisper_dir, dtype=torch.float32)
-    adapter = build_adapter(cfg.adapter, whisper.get_decoder(), cfg.num_queries)
-    encoder = whisper.get_encoder().to(dtype)
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
-    d_llm = int(llm.config.get_text_config().hidden_size)
-    projection = nn.Linear(whisper.config.d_model, d_llm, bias=True)
-    return DiVAStudent(
-        encoder,
-        adapter,
-        projection,
-        llm,
-        prompt.prefix_ids,
-        prompt.suffix_ids,
-        reuse_prefix_kv=cfg.reuse_prefix_kv,
-        keep_lm_head=True,
-    )
 
 
 # --- save ----------------------------------------------------------------------------------------------
@@ -218,7 +188,9 @@ def load_pretrained(
         info, weights_path = _read_run(path, whisper, llm)
     else:
         raise CheckpointError(f"{path}: neither a saved student ({CONFIG_FILE}) nor a train run folder (config.yaml)")
-    student = build_student(info.whisper_dir, info.llm_dir, info.prompt, info.student_cfg, dtype=dtype)
+    student = DiVAStudent.from_pretrained_parts(
+        info.whisper_dir, info.llm_dir, info.prompt, info.student_cfg, dtype=dtype, keep_lm_head=True
+    )
     weights = load_file(str(weights_path))
     expected = set(student.trainable_state_dict())
     if set(weights) != expected:

@@ -26,7 +26,7 @@ from diva.teacher_cache.prompt import (
     PLACEHOLDER,
     PromptError,
     PromptSpec,
-    _check_date_independent,
+    check_date_independent,
     template_source,
 )
 
@@ -54,7 +54,7 @@ def instruction_prompt(tokenizer: Any, instruction: str, date_string: str | None
     import hashlib
 
     source = template_source(tokenizer)
-    _check_date_independent(tokenizer, source, date_string)
+    check_date_independent(tokenizer, source, date_string)
     kwargs = {"date_string": date_string} if date_string is not None else {}
     messages = [{"role": "system", "content": instruction}, {"role": "user", "content": PLACEHOLDER}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)

@@ -254,10 +254,12 @@ class DiVAStudent(nn.Module):
         prompt: Any,
         cfg: StudentConfig,
         dtype: torch.dtype = torch.float32,
+        keep_lm_head: bool | None = None,
     ) -> DiVAStudent:
         """Build the student from a Whisper folder, an LLM folder and the cache's PromptSpec.
 
         The frozen encoder and LLM are held in `dtype`; the trainable parts stay float32 (master weights).
+        The LLM's lm_head is kept when `keep_lm_head` (generation), by default only when the KL loss uses it.
         """
         from transformers import AutoModelForCausalLM, WhisperModel
 
@@ -275,7 +277,7 @@ class DiVAStudent(nn.Module):
             prompt.prefix_ids,
             prompt.suffix_ids,
             reuse_prefix_kv=cfg.reuse_prefix_kv,
-            keep_lm_head=cfg.kl_weight > 0,
+            keep_lm_head=cfg.kl_weight > 0 if keep_lm_head is None else keep_lm_head,
         )
 
     def train(self, mode: bool = True) -> DiVAStudent:

@@ -63,7 +63,7 @@ def _render(tokenizer: Any, date_string: str | None) -> str:
     )
 
 
-def _check_date_independent(tokenizer: Any, source: str, date_string: str | None) -> None:
+def check_date_independent(tokenizer: Any, source: str, date_string: str | None) -> None:
     """Refuse a template whose render changes with today's date unless `date_string` pins it."""
     if date_string is not None:
         if "strftime_now" in source and "date_string" not in source:
@@ -80,7 +80,7 @@ def _check_date_independent(tokenizer: Any, source: str, date_string: str | None
 def build_prompt(tokenizer: Any, date_string: str | None = None) -> PromptSpec:
     """Render the chat template once around a placeholder and split it into prefix and suffix ids."""
     source = template_source(tokenizer)
-    _check_date_independent(tokenizer, source, date_string)
+    check_date_independent(tokenizer, source, date_string)
     text = _render(tokenizer, date_string)
     if text.count(PLACEHOLDER) != 1:
         raise PromptError(f"the rendered chat template holds the user message {text.count(PLACEHOLDER)} times")

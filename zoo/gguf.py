@@ -10,9 +10,6 @@ requested dtype, float32 by default, because that is the dtype a CPU computes fa
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -26,6 +23,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from diva.zoo.staging import staged_folder
 
 GGUF_MAGIC = b"GGUF"
 
@@ -173,17 +172,7 @@ def _end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def _write_folder(out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Save model, generation config and tokenizer into a temporary sibling folder, then move it to
-    `out_dir`."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()  # not tempfile.mkdtemp: that folder would be private (0700), not umask-based
-    try:
+    """Save model, generation config and tokenizer into a staged sibling folder that becomes `out_dir`."""
+    with staged_folder(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

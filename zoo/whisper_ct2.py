@@ -17,15 +17,15 @@ where a string is a uint16 byte length (counting a trailing NUL), the UTF-8 byte
 from __future__ import annotations
 
 import json
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
+
+from diva.zoo.staging import staged_folder
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
@@ -417,15 +417,6 @@ def _check_out_dir(out_dir: Path) -> None:
         raise FileExistsError(f"{out_dir}: exists and is not an empty folder")
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    """A fresh temporary sibling of `out_dir`; the result is renamed into place only when complete."""
-    _check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the final folder should read like any other
-    return staging
-
-
 def convert_ct2_whisper(src_dir: Path, out_dir: Path) -> None:
     """Convert a CTranslate2 Whisper folder (model.bin, config.json, tokenizer.json) to a transformers folder.
 
@@ -444,13 +435,7 @@ def convert_ct2_whisper(src_dir: Path, out_dir: Path) -> None:
     dims = _whisper_dims(weights)
     model = _build_model(_whisper_state_dict(weights, dims), _whisper_config(dims, tokens, ct2_config))
     model.generation_config = _generation_config(dims, tokens, ct2_config)
-    staging = _staging_dir(out_dir)
-    try:
+    _check_out_dir(out_dir)
+    with staged_folder(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         _save_processor(tokenizer_json, tokens, dims, staging)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
