@@ -58,7 +58,7 @@ def from_stored(x: np.ndarray, dtype: str) -> np.ndarray:
 def sample_key(utt_id: str) -> str:
     """A WebDataset key for an utterance id: '.' starts the member extension and '/' makes folders, so both
     (and '%') are percent-encoded; the exact id is in the sample's .json."""
-    return quote(utt_id, safe="-_+=,@~")
+    return quote(utt_id, safe="-_+=,@~").replace(".", "%2E")  # quote() never encodes '.' itself
 
 
 def npy_zst(array: np.ndarray) -> bytes:

@@ -215,3 +215,25 @@ def test_audio_gone_since_the_manifest_is_rejected_with_its_reason(manifest, tin
     index = read_index(tmp_path / "c")
     assert index["rows"] == 21 and index["rejected"] == 1
     assert index["rejects"][0]["reason"] == "audio_unreadable" and index["rejects"][0]["id"] == records[3]["id"]
+
+
+def test_ids_with_dots_and_slashes_round_trip(manifest, tiny_llama, tmp_path: Path) -> None:
+    """'.' starts a tar member's extension in WebDataset and '/' a folder: ids holding them (file names like
+    'zero_slt_0.8', Lhotse cut ids 'spk/utt.1') must still group into one sample each and read back exactly."""
+    import gzip
+
+    from diva.student.data import read_shard
+    from diva.teacher_cache.read import shard_paths
+
+    dotted = tmp_path / "m"
+    shutil.copytree(manifest, dotted)
+    records = [json.loads(line) for line in gzip.open(dotted / "manifest.jsonl.gz", "rt")][:6]
+    for k, r in enumerate(records):
+        r["id"] = f"spk{k % 2}/utt_{k}.speed_0.{k}%"
+    with gzip.open(dotted / "manifest.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    cfg = _cfg()
+    build_cache(dotted, tmp_path / "c", tiny_llama, cfg.cache, cfg.runtime)
+    assert read_index(tmp_path / "c")["rows"] == 6
+    ids = [s["id"] for path in shard_paths(tmp_path / "c", "tar") for s in read_shard(path, "float32")]
+    assert sorted(ids) == sorted(r["id"] for r in records)
