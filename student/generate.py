@@ -5,6 +5,10 @@
     step 0: LLM over the whole input, keys/values cached; step t: one new token per row on top of the cache
     greedy by default (temperature / top-p sampling optional); a row stops at the LLM's eos / end-of-turn ids
 
+`stream_generate` runs the same loop for one clip and yields each token with the text it makes certain, so
+the pieces add up to `generate`'s answer. `decode_steps` also decodes after any rows of input embeddings (the
+evaluation feeds it the teacher's token embeddings) and reports the last input position's hidden state.
+
 With a text instruction the prompt becomes the chat template rendered once with a system turn (the
 instruction) and a placeholder user turn, split at the placeholder as the teacher cache's prompt is.
 """
@@ -12,7 +16,8 @@ instruction) and a placeholder user turn, split at the placeholder as the teache
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,8 @@ class GenerationResult:
     finished: list[bool]  # True: stopped at an eos id; False: ran into max_new_tokens
     chunks: list[int]  # 30 s chunks each clip was encoded in (k: the row held k x Q audio tokens)
     prompt: PromptSpec  # the prompt ids used (texts and template hash empty when it is the student's own)
+    ttft_s: float = 0.0  # seconds from the call to the batch's first token (audio encoding and prefill included)
+    seconds: float = 0.0  # seconds of the whole call
 
 
 # --- prompt, chunks, stop ids -------------------------------------------------------------------------
@@ -164,11 +171,104 @@ def next_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _last_logits(student: DiVAStudent, embeds: torch.Tensor, mask: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, Any]:
-    """One LLM pass; lm_head at the last position -> ((B, vocab) logits, the KV cache)."""
+def _last_hidden(student: DiVAStudent, embeds: torch.Tensor, mask: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, Any]:
+    """One LLM pass -> ((B, d) final hidden state at the last position, the KV cache)."""
     positions = positions_of(mask)[:, -embeds.shape[1] :]  # (B, L_new)
     out = student.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kw)
-    return student.lm_head(out.last_hidden_state[:, -1]), out.past_key_values  # (B, vocab)
+    return out.last_hidden_state[:, -1], out.past_key_values  # (B, d)
+
+
+def prompt_ids(
+    student: DiVAStudent, tokenizer: Any, prompt_text: str | None, date_string: str | None = None
+) -> tuple[PromptSpec, torch.Tensor, torch.Tensor]:
+    """The prompt and its prefix / suffix ids: the student's own (texts and template hash empty) or an
+    instruction's system-turn render."""
+    if prompt_text is None:
+        prefix_ids, suffix_ids = student.prefix_ids, student.suffix_ids
+        return PromptSpec(tuple(prefix_ids.tolist()), tuple(suffix_ids.tolist()), "", "", ""), prefix_ids, suffix_ids
+    prompt = instruction_prompt(tokenizer, prompt_text, date_string)
+    device = student.prefix_ids.device
+    as_tensor = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)  # noqa: E731
+    return prompt, as_tensor(prompt.prefix_ids), as_tensor(prompt.suffix_ids)
+
+
+def audio_rows(
+    student: DiVAStudent,
+    audios: Sequence[np.ndarray],
+    prefix_ids: torch.Tensor,
+    suffix_ids: torch.Tensor,
+    feature_extractor: Any,
+    trim_mel: bool,
+) -> list[torch.Tensor]:
+    """The LLM input of each clip: [embed(prefix), k_b x Q audio tokens, embed(suffix)], (P + k_b Q + S, d) each."""
+    embed = student.llm.get_input_embeddings()
+    prefix, suffix = embed(prefix_ids), embed(suffix_ids)  # (P, d), (S, d)
+    tokens = audio_tokens_per_clip(student, audios, feature_extractor, trim_mel)
+    return [torch.cat([prefix, v.to(prefix.dtype), suffix]) for v in tokens]
+
+
+@torch.no_grad()
+def decode_steps(
+    student: DiVAStudent,
+    rows: list[torch.Tensor],
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    on_prefill: Callable[[torch.Tensor], None] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Decode after input embedding rows (L_b, d) (left-padded into one batch): yield the (B,) new ids per step.
+
+    A finished row repeats the first stop id. Stops when every row has produced a stop id or after
+    `max_new_tokens` steps. `on_prefill` gets the (B, d) final hidden state at the last input position (h_S for
+    a student row, h_T for a row of teacher token embeddings). The one decoding loop of `generate`,
+    `stream_generate` and the evaluation's teacher and cascade answers."""
+    embed = student.llm.get_input_embeddings()
+    embeds, mask = left_pad(rows)  # (B, L, d), (B, L)
+    device = embeds.device
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    batch = len(rows)
+    generated = torch.empty(batch, 0, dtype=torch.long, device=device)  # (B, t)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    hidden, cache = _last_hidden(student, embeds, mask, use_cache=use_cache)
+    if on_prefill is not None:
+        on_prefill(hidden)
+    for step in range(max_new_tokens):
+        token = next_tokens(student.lm_head(hidden), do_sample, temperature, top_p, generator)  # (B,)
+        token = torch.where(done, stop[0], token)  # finished rows repeat a stop id, later dropped
+        generated = torch.cat([generated, token[:, None]], dim=1)
+        done = done | torch.isin(token, stop)
+        yield token
+        if bool(done.all()) or step == max_new_tokens - 1:
+            return
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # (B, L + t)
+        if use_cache:
+            hidden, cache = _last_hidden(student, embed(token)[:, None], mask, past_key_values=cache, use_cache=True)
+        else:  # the whole sequence again: the reference the cached path must equal
+            full = torch.cat([embeds, embed(generated)], dim=1)  # (B, L + t, d)
+            hidden, _ = _last_hidden(student, full, mask, use_cache=False)
+
+
+def split_at_stop(steps: Sequence[Sequence[int]], stop_ids: Sequence[int]) -> tuple[list[list[int]], list[bool]]:
+    """Per-row ids from per-step ids (T, B): each row up to and including its first stop id, and whether it
+    produced one."""
+    stop_set = set(stop_ids)
+    ids, finished = [], []
+    for row in (list(r) for r in zip(*steps, strict=True)):
+        end = next((i for i, t in enumerate(row) if t in stop_set), None)
+        ids.append(row if end is None else row[: end + 1])
+        finished.append(end is not None)
+    return ids, finished
+
+
+def _check(student: DiVAStudent, do_sample: bool, temperature: float, top_p: float) -> None:
+    if student.lm_head is None:
+        raise ValueError("this student has no lm_head; load it with student.checkpoint.load_pretrained")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
 
 
 @torch.no_grad()
@@ -195,54 +295,99 @@ def generate(
     own prompt, as trained; `date_string` pins a dated template's date, as the cache's PromptSpec does).
     `eos_ids`: the stop ids (None: `eos_token_ids` of the tokenizer's LLM folder). `trim_mel` as the student was
     trained (StudentConfig.trim_mel). `use_cache=False` recomputes the whole sequence at every step (for tests)."""
-    if student.lm_head is None:
-        raise ValueError("this student has no lm_head; load it with student.checkpoint.load_pretrained")
+    _check(student, do_sample, temperature, top_p)
     if not audios:
         raise ValueError("generate needs at least one clip")
-    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
-        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    device = student.prefix_ids.device
-    if prompt_text is None:
-        prefix_ids, suffix_ids = student.prefix_ids, student.suffix_ids
-        prompt = PromptSpec(tuple(prefix_ids.tolist()), tuple(suffix_ids.tolist()), "", "", "")
-    else:
-        prompt = instruction_prompt(tokenizer, prompt_text, date_string)
-        prefix_ids = torch.tensor(prompt.prefix_ids, dtype=torch.long, device=device)
-        suffix_ids = torch.tensor(prompt.suffix_ids, dtype=torch.long, device=device)
-
-    embed = student.llm.get_input_embeddings()
-    prefix, suffix = embed(prefix_ids), embed(suffix_ids)  # (P, d), (S, d)
-    tokens = audio_tokens_per_clip(student, audios, feature_extractor, trim_mel)
-    rows = [torch.cat([prefix, v.to(prefix.dtype), suffix]) for v in tokens]  # (P + k_b Q + S, d) each
-    embeds, mask = left_pad(rows)  # (B, L, d), (B, L)
-
+    start = time.perf_counter()
+    prompt, prefix_ids, suffix_ids = prompt_ids(student, tokenizer, prompt_text, date_string)
+    rows = audio_rows(student, audios, prefix_ids, suffix_ids, feature_extractor, trim_mel)
     if eos_ids is None:
         eos_ids = eos_token_ids(tokenizer.name_or_path, tokenizer)
-    stop = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    batch = len(rows)
-    generated = torch.empty(batch, 0, dtype=torch.long, device=device)  # (B, t)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits, cache = _last_logits(student, embeds, mask, use_cache=use_cache)
-    for step in range(max_new_tokens):
-        token = next_tokens(logits, do_sample, temperature, top_p, generator)  # (B,)
-        token = torch.where(done, stop[0], token)  # finished rows repeat a stop id, later dropped
-        generated = torch.cat([generated, token[:, None]], dim=1)
-        done = done | torch.isin(token, stop)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # (B, L + t)
-        if use_cache:
-            logits, cache = _last_logits(student, embed(token)[:, None], mask, past_key_values=cache, use_cache=True)
-        else:  # the whole sequence again: the reference the cached path must equal
-            full = torch.cat([embeds, embed(generated)], dim=1)  # (B, L + t, d)
-            logits, _ = _last_logits(student, full, mask, use_cache=False)
-
-    ids, finished = [], []
-    stop_set = set(stop.tolist())
-    for row in generated.tolist():
-        end = next((i for i, t in enumerate(row) if t in stop_set), None)
-        ids.append(row if end is None else row[: end + 1])
-        finished.append(end is not None)
+    steps, ttft = [], 0.0
+    for token in decode_steps(student, rows, eos_ids, max_new_tokens, do_sample, temperature, top_p, generator,
+                              use_cache):  # fmt: skip
+        steps.append(token.tolist())
+        ttft = ttft or time.perf_counter() - start
+    ids, finished = split_at_stop(steps, eos_ids)
+    stop_set = set(eos_ids)
     texts = [tokenizer.decode([t for t in r if t not in stop_set], skip_special_tokens=True) for r in ids]
     chunks = [num_chunks(len(a)) for a in audios]
-    return GenerationResult(texts=texts, token_ids=ids, finished=finished, chunks=chunks, prompt=prompt)
+    return GenerationResult(texts, ids, finished, chunks, prompt, ttft_s=ttft, seconds=time.perf_counter() - start)
+
+
+# --- streaming ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamPiece:
+    """One decoding step of `stream_generate`: the new token and the text it makes visible (often "")."""
+
+    token_id: int
+    text: str
+    finished: bool  # True on the last piece when it is a stop id
+
+
+class TextPieces:
+    """Incremental detokenisation: each call returns only the text that is now certain.
+
+    The whole answer is re-decoded at every token and the new tail returned, holding back trailing whitespace
+    (a tokenizer's clean-up may still remove it, e.g. before punctuation) and an incomplete UTF-8 character
+    (a byte-level token split inside it); `flush` returns the rest, so the pieces add up to `decode(ids)`."""
+
+    def __init__(self, tokenizer: Any, stop_ids: Sequence[int]) -> None:
+        self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def _tail(self, text: str) -> str:
+        if not text.startswith(self.shown):  # the decode of the prefix changed: wait for the final text
+            return ""
+        piece = text[len(self.shown) :]
+        self.shown = text
+        return piece
+
+    def add(self, token_id: int) -> str:
+        if token_id in self.stop_ids:
+            return ""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip()
+        return "" if text.endswith("\ufffd") else self._tail(text)
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._tail(text) if text.startswith(self.shown) else text  # the caller's sum breaks only here
+
+
+@torch.no_grad()
+def stream_generate(
+    student: DiVAStudent,
+    audio: np.ndarray,
+    prompt_text: str | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    *,
+    tokenizer: Any,
+    feature_extractor: Any,
+    eos_ids: Sequence[int] | None = None,
+    trim_mel: bool = True,
+    date_string: str | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[StreamPiece]:
+    """Answer one clip, yielding a StreamPiece per generated token as it is produced (options as `generate`; the
+    same tokens as `generate` on this clip alone); the pieces' texts concatenate to generate's text."""
+    _check(student, do_sample, temperature, top_p)
+    _, prefix_ids, suffix_ids = prompt_ids(student, tokenizer, prompt_text, date_string)
+    rows = audio_rows(student, [audio], prefix_ids, suffix_ids, feature_extractor, trim_mel)
+    if eos_ids is None:
+        eos_ids = eos_token_ids(tokenizer.name_or_path, tokenizer)
+    pieces = TextPieces(tokenizer, eos_ids)
+    steps = decode_steps(student, rows, eos_ids, max_new_tokens, do_sample, temperature, top_p, generator)
+    for step, token in enumerate(steps):
+        token_id = int(token[0])
+        finished = token_id in pieces.stop_ids
+        text = pieces.add(token_id)
+        if finished or step == max_new_tokens - 1:  # the last step: nothing is held back any more
+            text += pieces.flush()
+        yield StreamPiece(token_id, text, finished)

@@ -189,3 +189,27 @@ def test_load_a_train_run_folder(speech_dir, tiny_whisper, tiny_llama, tmp_path:
         from diva.zoo.tiny import build_tiny_llama
 
         load_pretrained(run, llm_dir=build_tiny_llama(tmp_path / "other", chat_format="chatml", seed=1))
+
+
+def test_streamed_pieces_add_up_to_generate(loaded, clips) -> None:
+    from diva.student.generate import stream_generate
+
+    student, info, tokenizer, fe = loaded
+    for eos_ids in ([0], eos_token_ids(info.llm_dir, tokenizer)):  # the full length, and the LLM's own stop ids
+        kw = {"max_new_tokens": 12, "eos_ids": eos_ids}
+        pieces = list(stream_generate(student, clips[1], tokenizer=tokenizer, feature_extractor=fe, **kw))
+        whole = _gen(loaded, clips[1:2], **kw)
+        assert [p.token_id for p in pieces] == whole.token_ids[0]
+        assert "".join(p.text for p in pieces) == whole.texts[0]
+        assert [p.finished for p in pieces][-1] == whole.finished[0] and not any(p.finished for p in pieces[:-1])
+    assert whole.ttft_s > 0 and whole.seconds >= whole.ttft_s
+
+
+def test_text_pieces_hold_back_what_may_still_change(loaded) -> None:
+    from diva.student.generate import TextPieces
+
+    tokenizer = loaded[2]
+    ids = tokenizer("Hello , world . It 's fine", add_special_tokens=False).input_ids
+    pieces = TextPieces(tokenizer, stop_ids=[0])
+    text = "".join(pieces.add(t) for t in ids) + pieces.flush()
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
