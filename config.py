@@ -184,6 +184,12 @@ class TrainConfig:
     reuse_encoder_outputs: bool = doc(
         "Encode each utterance once and keep the frozen encoder's output in memory for later epochs.", default=False
     )
+    num_workers: int = doc(
+        "DataLoader worker processes that read the shards, decode and resample the audio and compute the log-mel "
+        "(0: all in the training process). The data order does not depend on it (each worker featurises every "
+        "num_workers-th batch of the same stream), so a run may resume with another count.",
+        default=0,
+    )
     teacher: str = doc(
         "Where h_T comes from: cache (read from the teacher cache) or online (the student's LLM runs the teacher's "
         "text pass inside every step: the no-cache baseline; audio, transcripts and alignment targets still come "
@@ -195,7 +201,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:

@@ -1,7 +1,8 @@
 """Cache samples -> training batches, in an order that is a pure function of (seed, epoch).
 
     tar shards --(seeded shard permutation, seeded in-shard shuffle)--> decoded samples
-               --(group by batch_size)--> audio bytes -> 16 kHz waveforms -> log-mel -> frozen encoder
+               --(group by batch_size)--> audio bytes -> 16 kHz waveforms -> log-mel   [DataLoader workers]
+               --> frozen encoder                                                       [main process]
                --> Batch(encoder_out (B, T_enc, d_w), lengths (B,), h_t (B, d), targets [(N_b, d)])
 
 A run's place in its data is a `DataPosition` (epoch, samples consumed in that epoch). The order of epoch e is
@@ -17,6 +18,18 @@ One cache with any weight is its plain `sample_stream`.
 Distributed runs (`rank_stream`): every rank reads the same (seed, epoch) stream and keeps one sample of each
 run of world_size consecutive ones, the one at its rank; the ranks' data is disjoint, they advance in lockstep
 and share one global position (the position after the whole run of world_size samples).
+
+DataLoader workers (`TrainBatches` through `TrainLoader`, train.num_workers): the CPU-only work (reading the
+shards, decoding, resampling, log-mel) runs in worker processes; the main process runs the frozen encoder.
+Every worker walks the same global batched stream of its rank, but decodes and featurises only the batches k
+with k % num_workers == its id, and the DataLoader's in-order round-robin hands them over in exactly the stream's
+order, each with its data position. So the batches, their positions and `--resume` are the same whatever the
+worker count (0 runs the same code in-process), and shards need not split between workers (no worker idles on
+a small cache; only ranks need `check_shards`). The price: each worker also reads the samples of the other
+workers' batches (tar reading and unpacking, cheap next to decoding). With encoder-output reuse, a worker
+featurises only the rows whose id it has not met earlier in the stream since the run's start (the main
+process's store starts empty there and fills in the same order), so after the first epoch over a cache no
+audio is decoded at all.
 """
 
 from __future__ import annotations
@@ -224,33 +237,61 @@ def waveform(sample: dict[str, Any]) -> np.ndarray:
     return audio
 
 
+@dataclass
+class Prepared:
+    """A batch after its CPU-only work (decode, resample, log-mel), before the frozen encoder: what a data
+    worker hands the main process. `fresh` are the rows that need encoding (all of them without reuse)."""
+
+    samples: list[dict[str, Any]]  # the decoded cache samples, their audio bytes dropped
+    fresh: list[int]  # rows whose log-mel is below, in order
+    features: torch.Tensor | None  # (F, n_mels, T) log-mel of the fresh rows; None when no row is fresh
+    frames: torch.Tensor | None  # (F,) mel frames of each fresh row
+
+
+def featurise(samples: list[dict[str, Any]], feature_extractor: Any, trim: bool, fresh: list[int]) -> Prepared:
+    """Decode the audio of rows `fresh` and compute their log-mel as one batch (the CPU half of encoding)."""
+    features = frames = None
+    if fresh:
+        features, frames = log_mel([waveform(samples[i]) for i in fresh], feature_extractor, trim)
+    kept = [{k: v for k, v in s.items() if k != "audio"} for s in samples]  # the bytes are not needed past here
+    return Prepared(kept, fresh, features, frames)
+
+
 class EncoderOutputs:
     """Frozen-encoder outputs per utterance; with `reuse`, each utterance is encoded once and kept in memory.
 
     The encoder is frozen, so its output for an utterance never changes (METHOD.md section 4: caching it is
-    the biggest CPU saving). Kept on the CPU as (T_b, d_w) tensors keyed by utterance id.
+    the biggest CPU saving). Kept on the CPU as (T_b, d_w) tensors keyed by utterance id. A batch's fresh rows
+    (`fresh_rows`: those not yet stored, all of them without reuse) are featurised and encoded together.
     """
 
     def __init__(self, student: DiVAStudent, feature_extractor: Any, trim: bool, reuse: bool) -> None:
         self.student, self.feature_extractor, self.trim, self.reuse = student, feature_extractor, trim, reuse
         self.store: dict[str, torch.Tensor] = {}
 
-    def encode(self, samples: list[dict[str, Any]]) -> list[torch.Tensor]:
-        """Encoder outputs (T_b, d_w) of samples, batched through log-mel and the encoder."""
-        device = self.student.prefix_ids.device
-        features, frames = log_mel([waveform(s) for s in samples], self.feature_extractor, self.trim)
-        out = self.student.encode_audio(features.to(device), frames.to(device))  # (B, T_enc, d_w)
-        lengths = encoder_frames_for(frames)  # (B,)
-        return [out[b, : int(lengths[b])] for b in range(len(samples))]
+    def fresh_rows(self, samples: list[dict[str, Any]]) -> list[int]:
+        return [i for i, s in enumerate(samples) if not self.reuse or s["id"] not in self.store]
+
+    def outputs(self, prepared: Prepared) -> list[torch.Tensor]:
+        """Encoder outputs (T_b, d_w) of a featurised batch: its fresh rows through the encoder, the others
+        from the store."""
+        encoded: list[torch.Tensor] = []
+        if prepared.fresh:
+            assert prepared.features is not None and prepared.frames is not None
+            device = self.student.prefix_ids.device
+            out = self.student.encode_audio(prepared.features.to(device), prepared.frames.to(device))  # (F, T, d_w)
+            lengths = encoder_frames_for(prepared.frames)  # (F,)
+            encoded = [out[b, : int(lengths[b])] for b in range(len(prepared.fresh))]
+        if not self.reuse:
+            assert len(encoded) == len(prepared.samples), "without reuse every row is fresh"
+            return encoded
+        for row, out in zip(prepared.fresh, encoded, strict=True):
+            self.store[prepared.samples[row]["id"]] = out.detach().cpu().clone()  # not a view of the batch
+        return [self.store[s["id"]] for s in prepared.samples]
 
     def __call__(self, samples: list[dict[str, Any]]) -> list[torch.Tensor]:
-        if not self.reuse:
-            return self.encode(samples)
-        missing = [s for s in samples if s["id"] not in self.store]
-        if missing:
-            for sample, out in zip(missing, self.encode(missing), strict=True):
-                self.store[sample["id"]] = out.detach().cpu().clone()  # not a view of the batch
-        return [self.store[s["id"]] for s in samples]
+        """Encoder outputs of decoded cache samples, featurised here in the calling process."""
+        return self.outputs(featurise(samples, self.feature_extractor, self.trim, self.fresh_rows(samples)))
 
 
 def alignment_targets(samples: list[dict[str, Any]], student: DiVAStudent) -> list[torch.Tensor]:
@@ -278,10 +319,15 @@ class OnlineTeacher:
         return torch.from_numpy(np.stack(hidden).astype(np.float32))
 
 
-def make_batch(samples: list[dict[str, Any]], encoder: EncoderOutputs, teacher: OnlineTeacher | None = None) -> Batch:
-    """A Batch of decoded cache samples, on the student's device; with `teacher`, h_T is computed, not read."""
+def make_batch(
+    samples: list[dict[str, Any]] | Prepared, encoder: EncoderOutputs, teacher: OnlineTeacher | None = None
+) -> Batch:
+    """A Batch of decoded cache samples (featurised here) or of a worker's `Prepared` batch, on the student's
+    device; with `teacher`, h_T is computed, not read."""
     device = encoder.student.prefix_ids.device
-    encoder_out, lengths = pad_encoder_outputs([o.to(device) for o in encoder(samples)])  # (B, T_max, d_w), (B,)
+    outputs = encoder.outputs(samples) if isinstance(samples, Prepared) else encoder(samples)
+    samples = samples.samples if isinstance(samples, Prepared) else samples
+    encoder_out, lengths = pad_encoder_outputs([o.to(device) for o in outputs])  # (B, T_max, d_w), (B,)
     text_ids = [tuple(int(t) for t in s["text_ids"]) for s in samples]
     if teacher is None:
         h_t = torch.from_numpy(np.stack([s["h_t"] for s in samples]).astype(np.float32))  # (B, d_llm)
@@ -307,3 +353,83 @@ def mixed_mean_h_t(cache_dirs: Sequence[Path], weights: Sequence[float]) -> torc
     """The mean h_T a mixture of caches draws (d,): the caches' means weighted by the mixing weights."""
     total = float(sum(weights))
     return sum((w / total) * mean_h_t(d) for d, w in zip(cache_dirs, weights, strict=True))  # type: ignore[return-value]
+
+
+# --- the training input pipeline: DataLoader workers --------------------------------------------------
+
+
+class TrainBatches(torch.utils.data.IterableDataset):
+    """The training batches of one rank, featurised (`Prepared`), each with the data position after it.
+
+    Every worker walks the same global batched stream (reading and unpacking the shards is cheap) but decodes
+    and featurises only the batches k with k % num_workers == its id; the DataLoader takes one batch from each
+    worker in turn, so the main process receives exactly the stream's order, whatever the worker count.
+
+    With encoder-output reuse, a row is fresh (featurised) only the first time its id appears in the stream
+    since `start`: the main process's store starts empty at `start` too and fills in the same order, so the
+    workers know which rows it lacks without seeing it, and no audio is decoded twice.
+    """
+
+    def __init__(
+        self,
+        cache_dirs: Sequence[Path],
+        weights: Sequence[float],
+        seed: int,
+        start: MixPosition,
+        batch_size: int,
+        feature_extractor: Any,
+        trim: bool,
+        reuse: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.cache_dirs, self.weights, self.seed, self.start = [Path(d) for d in cache_dirs], list(weights), seed, start
+        self.batch_size, self.feature_extractor, self.trim, self.reuse = batch_size, feature_extractor, trim, reuse
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[Prepared, MixPosition]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        mixed = mixed_stream(self.cache_dirs, self.weights, self.seed, self.start)
+        stream = batched(rank_stream(mixed, self.rank, self.world_size), self.batch_size)
+        seen: set[str] = set()
+        for k, (group, position) in enumerate(stream):
+            fresh = [i for i, s in enumerate(group) if not self.reuse or s["id"] not in seen]
+            if self.reuse:
+                seen.update(s["id"] for s in group)
+            if k % workers == worker:
+                yield featurise(group, self.feature_extractor, self.trim, fresh), position
+
+
+def _keep_batch(item: Any) -> Any:
+    """DataLoader collate: the dataset yields whole batches already."""
+    return item
+
+
+class TrainLoader:
+    """Iterates a `TrainBatches` through a torch DataLoader with `num_workers` processes (0: in this process);
+    `close()` shuts the workers down (also on garbage collection, but a finished or failed run should not wait
+    for it)."""
+
+    def __init__(self, batches: TrainBatches, num_workers: int, prefetch_factor: int = 2) -> None:
+        extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+        self.loader = torch.utils.data.DataLoader(
+            batches,
+            batch_size=None,
+            collate_fn=_keep_batch,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(batches.seed),  # not the global RNG: dropout draws stay as they are
+            **extra,
+        )
+        self.iterator: Iterator[tuple[Prepared, MixPosition]] | None = None
+
+    def __iter__(self) -> Iterator[tuple[Prepared, MixPosition]]:
+        self.iterator = iter(self.loader)
+        return self.iterator
+
+    def close(self) -> None:
+        shutdown = getattr(self.iterator, "_shutdown_workers", None)  # torch's own clean-up of its worker processes
+        if shutdown is not None:
+            shutdown()
+        self.iterator = None

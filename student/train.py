@@ -18,6 +18,12 @@ rank runs exactly `steps` steps (the stream is endless, so uneven shares cannot 
 means over the ranks, and only rank 0 writes the config, metrics, TensorBoard and checkpoints. A checkpoint
 records the world size and every rank's RNG state; resuming needs the same world size.
 
+Input pipeline: `train.num_workers` DataLoader worker processes read the shards, decode and resample the audio
+and compute the log-mel (`data.TrainBatches`; 0: in the training process); the frozen encoder, the student and
+the losses run in the main process. The batches and their order do not depend on the worker count (see
+`student.data`), so the losses are the same with or without workers and a run may resume with another count
+(the checkpoint records the count, for the record only). The workers stop when the run ends or fails.
+
 Several training caches mix by weight (`data.mixed_stream`): they must agree on what the student depends on
 (LLM checksum, prompt ids, dtype, hidden size); the checkpoint's data position is then every cache's own
 position plus the draw count (a checkpoint of one cache from before mixing still loads).
@@ -55,12 +61,11 @@ from diva.student.data import (
     EncoderOutputs,
     MixPosition,
     OnlineTeacher,
-    batched,
+    TrainBatches,
+    TrainLoader,
     epoch_samples,
     make_batch,
     mixed_mean_h_t,
-    mixed_stream,
-    rank_stream,
 )
 from diva.student.distributed import SINGLE, Dist
 from diva.student.losses import align_loss, combined_loss, distill_loss, kl_loss
@@ -142,11 +147,12 @@ def save_checkpoint(
     schedule: Any,
     position: MixPosition,
     rank_rngs: list[dict[str, Any]] | None = None,
+    num_workers: int = 0,
 ) -> Path:
     """checkpoints/step_XXXXXX/ with weights, state and a json, written under a temp name and renamed.
 
     `rank_rngs`: every rank's RNG states in a distributed run (the world size is their count); None: this
-    process alone."""
+    process alone. `num_workers` is for the record only: the data order does not depend on it."""
     from safetensors.torch import save_file
 
     final = run_dir / CHECKPOINTS / f"step_{step:06d}"
@@ -164,9 +170,10 @@ def save_checkpoint(
         "rank_rngs": rngs,
         "world_size": len(rngs),
         "position": position.to_dict(),
+        "num_workers": num_workers,
     }
     torch.save(state, tmp / STATE_FILE)
-    info = {"step": step, "position": position.to_dict(), "world_size": len(rngs),
+    info = {"step": step, "position": position.to_dict(), "world_size": len(rngs), "num_workers": num_workers,
             "files": [WEIGHTS_FILE, STATE_FILE], "tensors": len(weights)}  # fmt: skip
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     if final.exists():  # a checkpoint of the same step from a run that was resumed before it
@@ -457,6 +464,7 @@ def train(
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     layout, device = distributed.setup(resolve_device(runtime.device))
+    loader: TrainLoader | None = None
     try:
         dtype = resolve_dtype(runtime.dtype, device)
 
@@ -493,12 +501,14 @@ def train(
         log = MetricsLog(run_dir, resumed_from) if layout.is_main else None
 
         feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir)
-        encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, train_cfg.reuse_encoder_outputs)
+        reuse = train_cfg.reuse_encoder_outputs
+        encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, reuse)
         teacher = open_online_teacher(Path(llm_dir), prompt, runtime, device) if train_cfg.teacher == "online" else None
-        mixed = mixed_stream(cache_dirs, weights, train_cfg.seed, position)
-        stream = batched(rank_stream(mixed, layout.rank, layout.world_size), train_cfg.batch_size)
+        source = TrainBatches(cache_dirs, weights, train_cfg.seed, position, train_cfg.batch_size, feature_extractor,
+                              student_cfg.trim_mel, reuse, layout.rank, layout.world_size)  # fmt: skip
+        loader = TrainLoader(source, train_cfg.num_workers)  # decode + log-mel, in workers when num_workers > 0
         consumed_ids: list[str] = []  # kept for the DIVA_DEBUG_RANK_DIR test hook only
-        batches = ((make_batch(group, encoder, teacher), pos) for group, pos in stream)
+        batches = ((make_batch(prepared, encoder, teacher), pos) for prepared, pos in loader)
         if os.environ.get(DEBUG_RANK_DIR):
             batches = recording(batches, consumed_ids)
 
@@ -536,13 +546,16 @@ def train(
             if is_due(step, train_cfg.checkpoint_every, train_cfg.steps):
                 rngs = distributed.gather_objects(rng_states(), layout) if layout.enabled else None
                 if layout.is_main:
-                    checkpoint = save_checkpoint(run_dir, step, student, optimizer, schedule, position, rngs)
+                    checkpoint = save_checkpoint(run_dir, step, student, optimizer, schedule, position, rngs,
+                                                 num_workers=train_cfg.num_workers)  # fmt: skip
                     prune_checkpoints(run_dir, train_cfg.keep_checkpoints)
         if log:
             log.close()
         if os.environ.get(DEBUG_RANK_DIR):
             write_rank_debug(Path(os.environ[DEBUG_RANK_DIR]), layout.rank, consumed_ids, student)
     finally:
+        if loader is not None:  # a finished or failed run stops its data workers
+            loader.close()
         distributed.teardown(layout)
     return {
         "steps": step,

@@ -416,3 +416,60 @@ def test_online_teacher_matches_the_cache(caches, tiny_whisper, tiny_llama, tmp_
     stored = torch.from_numpy(np.stack([s["h_t"] for s in rows]))  # (5, d)
     assert online.shape == stored.shape and torch.allclose(online, stored, atol=1e-4)
     assert not torch.allclose(online[0], online[1:].mean(0), atol=1e-2)  # the rows differ: not a trivial match
+
+
+# --- DataLoader workers -----------------------------------------------------------------------------------------
+
+
+def _prepared_batches(cache: Path, whisper: Path, workers: int, reuse: bool, count: int) -> list:
+    from transformers import WhisperFeatureExtractor
+
+    from diva.student.data import TrainBatches, TrainLoader
+
+    start = MixPosition((DataPosition(0, 5),))  # mid-epoch, as a resumed run starts
+    source = TrainBatches([cache], [1.0], 3, start, 3, WhisperFeatureExtractor.from_pretrained(whisper), True, reuse)
+    loader = TrainLoader(source, workers)
+    try:
+        return list(islice(loader, count))
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_workers_yield_the_in_process_batches(caches, tiny_whisper, reuse: bool) -> None:
+    """Two workers hand over the same batches (ids, positions, fresh rows, features) in the same order as the
+    in-process pipeline; with reuse, rows seen earlier in the stream are not featurised again."""
+    inline = _prepared_batches(caches["train"], tiny_whisper, 0, reuse, 12)  # 36 rows: past the end of epoch 0
+    pooled = _prepared_batches(caches["train"], tiny_whisper, 2, reuse, 12)
+    assert [p for _, p in pooled] == [p for _, p in inline] and inline[-1][1] == MixPosition((DataPosition(2, 1),), 36)
+    for (a, _), (b, _) in zip(inline, pooled, strict=True):
+        assert [s["id"] for s in a.samples] == [s["id"] for s in b.samples] and a.fresh == b.fresh
+        assert (a.features is None) == (b.features is None) and "audio" not in b.samples[0]
+        if a.features is not None:
+            assert torch.equal(a.features, b.features) and torch.equal(a.frames, b.frames)
+    fresh = sum(len(a.fresh) for a, _ in inline)
+    assert fresh == (20 if reuse else 36)  # reuse: each of the 20 utterances featurised once
+
+
+def test_workers_train_and_resume_like_in_process(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
+    """A run with two data workers logs the same losses as one without (encoder reuse on, across an epoch), and a
+    run without workers killed after its checkpoint resumes exactly with two workers (reuse off)."""
+    keys = ("step", "loss", "distill", "align", "lr", "grad_norm")
+    cfg = _train_cfg(steps=6, batch_size=4, checkpoint_every=3, reuse_encoder_outputs=True)
+    for workers in (0, 2):
+        train(caches["train"], tmp_path / f"w{workers}", tiny_whisper, tiny_llama, STUDENT,
+              _train_cfg(**{**cfg.__dict__, "num_workers": workers}), RUNTIME)  # fmt: skip
+    logged = {w: [[r[k] for k in keys] for r in _records(tmp_path / f"w{w}")] for w in (0, 2)}
+    assert logged[2] == logged[0]
+    info = json.loads((tmp_path / "w2" / "checkpoints" / "step_000006" / "checkpoint.json").read_text())
+    assert info["num_workers"] == 2
+
+    cfg = _train_cfg(steps=6, batch_size=3, checkpoint_every=3)
+    straight, halted = tmp_path / "straight", tmp_path / "halted"
+    train(caches["train"], straight, tiny_whisper, tiny_llama, STUDENT, cfg, RUNTIME)
+    shutil.copytree(straight, halted)
+    shutil.rmtree(halted / "checkpoints" / "step_000006")
+    with_workers = TrainConfig(**{**cfg.__dict__, "num_workers": 2})
+    result = train(caches["train"], halted, tiny_whisper, tiny_llama, STUDENT, with_workers, RUNTIME, resume=True)
+    assert result["resumed_from"] == 3
+    assert [[r[k] for k in keys] for r in _records(halted)] == [[r[k] for k in keys] for r in _records(straight)]
