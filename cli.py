@@ -625,6 +625,193 @@ def train_command(
         out.print(f"held-out: {shown}")
 
 
+# --- diva chat / generate / eval -----------------------------------------------------------------
+
+DEFAULT_MODEL = Path("runs/demo/run")  # what `make demo` trains, relative to the current directory
+ModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="The trained student: a `diva train` run folder (its latest checkpoint) or a save_pretrained folder. "
+        "Default: runs/demo/run (what `make demo` trains) when it exists under the current directory.",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where to run: auto (cuda when available), cpu, cuda:N.")]
+PromptOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt",
+        help="A text instruction, put in a system turn before the spoken user turn (default: the prompt the student "
+        "was trained with, no system instruction).",
+        show_default=False,
+    ),
+]
+
+
+def _model_dir(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    if DEFAULT_MODEL.is_dir():
+        return DEFAULT_MODEL
+    raise _fail(f"no --model given and no {DEFAULT_MODEL} here; pass --model RUN_DIR (a `diva train` --out folder)")
+
+
+@app.command("chat")
+def chat_command(
+    audio: Annotated[
+        str,
+        typer.Argument(
+            help="The spoken question: an audio file (wav, flac, ogg, mp3; any rate, resampled to 16 kHz), or - to "
+            "read one from stdin. Clips over 30 s are encoded in 30 s chunks.",
+            show_default=False,
+        ),
+    ],
+    prompt: PromptOpt = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")] = 256,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="0: greedy decoding; > 0: sample at this temperature.")
+    ] = 0.0,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="When sampling: draw from the smallest set of tokens with this mass.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="When sampling: the random seed.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Answer one spoken question with the trained student, printing the answer as it is generated."""
+    import sys
+
+    from diva.audio import AudioError, load_audio
+    from diva.student.answer import stream_answer
+    from diva.student.checkpoint import CheckpointError
+
+    model_dir = _model_dir(model)
+    try:
+        source = typer.get_binary_stream("stdin").read() if audio == "-" else Path(audio)
+        samples, _ = load_audio(source, name="<stdin>" if audio == "-" else "")
+        for piece in stream_answer(model_dir, samples, prompt, max_new_tokens, temperature, top_p, seed, device):
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+    except (AudioError, CheckpointError, ValueError, RuntimeError) as e:
+        raise _fail(str(e)) from e
+    sys.stdout.write("\n")
+
+
+@app.command("generate")
+def generate_command(
+    manifest: Annotated[
+        Path, typer.Argument(help="Manifest folder (or manifest.jsonl[.gz] file) to answer.", show_default=False)
+    ],
+    out_jsonl: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="JSON Lines to append to, one line per row: id, answer, tokens, finished, chunks, ttft_s (time to "
+            "the first token of the row's batch), seconds, audio_s; or id, error, audio, row for unreadable audio. "
+            "Ids already in it are skipped, so a rerun resumes.",
+            show_default=False,
+        ),
+    ],
+    model: ModelOpt = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Clips per generate call (sorted by duration within 8 batches).")
+    ] = 8,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", help="Answer only the manifest's first N rows (default: all).", show_default=False),
+    ] = None,
+    prompt: PromptOpt = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Stop each answer after this many tokens.")
+    ] = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Answer every row of a manifest in batches (greedy), with a progress bar; resumable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from diva.audio import AudioError
+    from diva.manifests.store import ManifestError
+    from diva.student.answer import answer_manifest
+    from diva.student.checkpoint import CheckpointError
+
+    model_dir = _model_dir(model)
+    with Progress("answers", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("generate", total=limit)
+        try:
+            summary = answer_manifest(model_dir, manifest, out_jsonl, batch_size, max_new_tokens, limit, prompt,
+                                      device, lambda done, total: bar.update(task, completed=done))  # fmt: skip
+        except (AudioError, CheckpointError, ManifestError, ValueError) as e:
+            raise _fail(str(e)) from e
+    rate = f", {summary.audio_s / summary.seconds:.1f} s of audio per s" if summary.seconds else ""
+    out.print(f"answered {summary.answered} rows, {summary.errors} unreadable (error lines), "
+              f"{summary.skipped_done} already in {out_jsonl}{rate}")  # fmt: skip
+    if summary.errors:
+        console.print(f"[yellow]warning:[/] {summary.errors} rows have unreadable audio; see their error lines")
+
+
+@app.command("eval")
+def eval_command(
+    manifest: Annotated[
+        Path,
+        typer.Option("--manifest", help="Manifest whose rows with a transcript are scored.", show_default=False),
+    ],
+    model: ModelOpt = None,
+    limit: Annotated[int, typer.Option("--limit", help="Score at most this many rows with a transcript.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per batch (the blind control rolls it).")] = 8,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Greedy answers compared up to this many tokens.")
+    ] = 32,
+    systems: Annotated[
+        str,
+        typer.Option(
+            "--systems",
+            help="Comma-separated: student (the trained student on the audio), cascade (Whisper's transcript fed to "
+            "the LLM), blind (the student fed another row's audio), floor (the untrained student).",
+        ),
+    ] = "student,cascade,blind",
+    report_json: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Write the report (metrics, n, examples) to this JSON file.", show_default=False
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score the student's answers against the teacher (the frozen LLM given the transcript), beside the cascade
+    and the audio-blind control: cosine of the last hidden states, next-token agreement and KL, identical greedy
+    answers and shared prefix. Only rows with a transcript are scored; n is reported."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from diva.audio import AudioError
+    from diva.manifests.store import ManifestError, write_json_atomic
+    from diva.student.checkpoint import CheckpointError
+    from diva.student.evaluate import evaluate_answers, report_notes, table_rows
+
+    model_dir = _model_dir(model)
+    names = [s.strip() for s in systems.split(",") if s.strip()]
+    with Progress("rows", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("eval", total=limit)
+        try:
+            report = evaluate_answers(model_dir, manifest, limit, batch_size, max_new_tokens, names, device,
+                                      lambda done, total: bar.update(task, completed=done))  # fmt: skip
+        except (AudioError, CheckpointError, ManifestError, ValueError) as e:
+            raise _fail(str(e)) from e
+    header, rows = table_rows(report)
+    table = Table(*header, title=f"{model_dir} vs the teacher on {manifest}")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    for note in report_notes(report):
+        out.print(note)
+    if report_json is not None:
+        report_json.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(report_json, report)
+        out.print(f"report: {report_json}")
+
+
 # --- diva info -----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,277 @@
+"""Score a trained student's answers against the teacher: the frozen LLM given the transcript as text.
+
+    teacher   [prefix, transcript ids, suffix]                    (teacher_input_ids, as the teacher cache builds it)
+    student   [embed(prefix), audio tokens of the clip, embed(suffix)]
+    blind     the student fed ANOTHER row's audio (the batch rolled by one): what the prompt alone explains
+    cascade   [prefix, Whisper's own greedy transcript, suffix]   (Whisper decoder from the student's Whisper folder)
+    floor     the UNTRAINED student (fresh adapter and projection, seed 0): where training started
+
+Every system runs through `generate.decode_steps` (the teacher and the cascade on token embeddings), which
+reports h, the final hidden state at the last prompt position, and the greedy answer. Per system, on rows with a
+non-empty transcript (n; the rest are counted as skipped):
+    cosine(h, h_T), next-token top-1 agreement, KL(p_T || p_system), L_distill,
+    identical: the share of greedy answers (up to max_new_tokens, stop id included) equal to the teacher's,
+    prefix_tokens: the mean shared prefix with the teacher's answer in tokens, prefix_frac: as a share of its length.
+The report also gives the cascade's WER (diva.wer) and the share of blind pairs whose two transcripts are equal
+(for those the control cannot differ from the student).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diva.audio import AudioError, load_audio
+from diva.manifests.record import Utterance
+from diva.manifests.store import read_manifest
+from diva.student.generate import SAMPLE_RATE, audio_rows, decode_steps, eos_token_ids, split_at_stop, split_chunks
+from diva.student.model import DiVAStudent
+from diva.student.train import prediction_scores
+from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
+from diva.wer import word_errors
+
+SYSTEMS = ("student", "cascade", "blind", "floor")
+METRICS = ("cosine", "top1_agree", "kl", "distill", "identical", "prefix_tokens", "prefix_frac")
+N_EXAMPLES = 3
+
+
+class EvalError(ValueError):
+    """A row that cannot be scored, or a system that cannot run; the message says which and why."""
+
+
+# --- the systems' inputs --------------------------------------------------------------------------------
+
+
+def token_rows(student: DiVAStudent, ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Token ids -> their LLM input embeddings (L_b, d) each, so text inputs decode like audio rows."""
+    device = student.prefix_ids.device
+    return [student.token_embeddings(torch.tensor(list(row), dtype=torch.long, device=device)) for row in ids]
+
+
+class Cascade:
+    """Whisper's own greedy transcript (30 s chunks transcribed separately and joined with a space)."""
+
+    def __init__(self, whisper_dir: Path, device: torch.device) -> None:
+        from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(whisper_dir)
+        except (OSError, ValueError) as e:
+            raise EvalError(f"{whisper_dir}: no Whisper tokenizer, so the cascade cannot run; drop it from the "
+                            f"systems or give a Whisper folder with tokenizer files ({e})") from e  # fmt: skip
+        self.feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir)
+        self.model = WhisperForConditionalGeneration.from_pretrained(whisper_dir).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def transcribe(self, audios: Sequence[np.ndarray]) -> list[str]:
+        chunks = [split_chunks(np.asarray(a, dtype=np.float32)) for a in audios]
+        flat = [c for clip in chunks for c in clip]
+        features = self.feature_extractor(flat, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        ids = self.model.generate(features.to(self.device, self.model.dtype))  # (C, T)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        out, start = [], 0
+        for clip in chunks:
+            out.append(" ".join(texts[start : start + len(clip)]))
+            start += len(clip)
+        return out
+
+
+# --- scoring ------------------------------------------------------------------------------------------------
+
+
+def run_rows(
+    student: DiVAStudent, rows: list[torch.Tensor], stop_ids: Sequence[int], max_new_tokens: int
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Greedy decoding after input rows -> ((B, d) h at the last input position, each row's answer ids)."""
+    prefill: list[torch.Tensor] = []
+    steps = [t.tolist() for t in decode_steps(student, rows, stop_ids, max_new_tokens, on_prefill=prefill.append)]
+    return prefill[0], split_at_stop(steps, stop_ids)[0]
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two answers share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def answer_scores(answers: list[list[int]], teacher: list[list[int]]) -> dict[str, float]:
+    """Sums over rows of identical answers, shared-prefix tokens and shared prefix / teacher answer length."""
+    prefixes = [shared_prefix(a, t) for a, t in zip(answers, teacher, strict=True)]
+    return {
+        "identical": float(sum(a == t for a, t in zip(answers, teacher, strict=True))),
+        "prefix_tokens": float(sum(prefixes)),
+        "prefix_frac": sum(p / max(1, len(t)) for p, t in zip(prefixes, teacher, strict=True)),
+    }
+
+
+def scored_rows(manifest_dir: Path, limit: int, counts: dict[str, int]) -> Iterator[tuple[int, Utterance]]:
+    """(1-based row, utterance) for the first `limit` rows with a non-empty transcript; others counted as skipped."""
+    for row, utt in enumerate(read_manifest(manifest_dir), start=1):
+        if counts["n"] >= limit:
+            return
+        if not utt.text.strip():
+            counts["skipped"] += 1
+            continue
+        counts["n"] += 1
+        yield row, utt
+
+
+def _load(row: int, utt: Utterance) -> np.ndarray:
+    try:
+        return load_audio(utt.audio, SAMPLE_RATE, offset_s=utt.offset_s, duration_s=utt.duration_s)[0]
+    except AudioError as e:
+        raise EvalError(f"manifest row {row} ({utt.id}): {e}; remove the row or fix the file") from e
+
+
+@torch.no_grad()
+def evaluate_answers(
+    model_dir: str | Path,
+    manifest_dir: str | Path,
+    limit: int = 64,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    systems: Sequence[str] = ("student", "cascade", "blind"),
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Score `systems` against the teacher on the first `limit` rows with a transcript (see the module docstring).
+
+    Returns a json-serialisable report: {systems: {name: {metric: value}}, n, skipped, cascade_wer,
+    blind_same_text, examples, ...}; `progress(rows_done, limit)` is called after every batch."""
+    from diva.runtime import resolve_device
+    from diva.student.checkpoint import load_pretrained, load_processors
+
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown or not systems:
+        raise EvalError(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+    if limit < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise EvalError(f"limit, batch_size and max_new_tokens must be >= 1 (got {limit}, {batch_size}, "
+                        f"{max_new_tokens})")  # fmt: skip
+    torch_device = resolve_device(device)
+    student, info = load_pretrained(model_dir, device=torch_device)
+    tokenizer, feature_extractor = load_processors(info)
+    stop_ids = eos_token_ids(info.llm_dir, tokenizer)
+    trim = info.student_cfg.trim_mel
+    floor = cascade = None
+    if "floor" in systems:
+        torch.manual_seed(0)
+        floor = DiVAStudent.from_pretrained_parts(
+            info.whisper_dir, info.llm_dir, info.prompt, info.student_cfg, keep_lm_head=True
+        ).to(torch_device).eval()  # fmt: skip
+    if "cascade" in systems:
+        cascade = Cascade(info.whisper_dir, torch_device)
+
+    sums: dict[str, dict[str, float]] = {name: {} for name in systems}
+    counts = {"n": 0, "skipped": 0}
+    same_text, refs, hyps, examples = 0, [], [], []
+
+    def add(name: str, h: torch.Tensor, answers: list[list[int]], h_t: torch.Tensor, teacher: list[list[int]]):
+        scores = {**prediction_scores(h, h_t, student.lm_head, ""), **answer_scores(answers, teacher)}
+        for key, value in scores.items():
+            sums[name][key] = sums[name].get(key, 0.0) + value
+
+    rows_iter = scored_rows(Path(manifest_dir), limit, counts)
+    while batch := list(islice(rows_iter, batch_size)):
+        utts = [utt for _, utt in batch]
+        audios = [_load(row, utt) for row, utt in batch]
+        texts = [utt.text for utt in utts]
+        teacher_ids = [teacher_input_ids(info.prompt, transcript_ids(tokenizer, t)) for t in texts]
+        h_t, teacher = run_rows(student, token_rows(student, teacher_ids), stop_ids, max_new_tokens)
+        answers: dict[str, list[list[int]]] = {"teacher": teacher}
+        if {"student", "blind"} & set(systems):
+            rows = audio_rows(student, audios, student.prefix_ids, student.suffix_ids, feature_extractor, trim)
+            if "student" in systems:
+                h, answers["student"] = run_rows(student, rows, stop_ids, max_new_tokens)
+                add("student", h, answers["student"], h_t, teacher)
+            if "blind" in systems:  # row b gets row b-1's audio
+                h, answers["blind"] = run_rows(student, rows[-1:] + rows[:-1], stop_ids, max_new_tokens)
+                add("blind", h, answers["blind"], h_t, teacher)
+                same_text += sum(a == b for a, b in zip(texts, texts[-1:] + texts[:-1], strict=True))
+        if floor is not None:
+            rows = audio_rows(floor, audios, floor.prefix_ids, floor.suffix_ids, feature_extractor, trim)
+            h, answers["floor"] = run_rows(floor, rows, stop_ids, max_new_tokens)
+            add("floor", h, answers["floor"], h_t, teacher)
+        heard: list[str] = []
+        if cascade is not None:
+            heard = cascade.transcribe(audios)
+            refs, hyps = refs + texts, hyps + heard
+            ids = [teacher_input_ids(info.prompt, transcript_ids(tokenizer, t)) for t in heard]
+            h, answers["cascade"] = run_rows(student, token_rows(student, ids), stop_ids, max_new_tokens)
+            add("cascade", h, answers["cascade"], h_t, teacher)
+        for i in range(min(len(utts), N_EXAMPLES - len(examples))):
+            example = {
+                "id": utts[i].id,
+                "transcript": texts[i],
+                "teacher": tokenizer.decode(teacher[i], skip_special_tokens=True),
+            }
+            example |= {name: tokenizer.decode(a[i], skip_special_tokens=True) for name, a in answers.items()}
+            if heard:
+                example["whisper_transcript"] = heard[i]
+            examples.append(example)
+        if progress is not None:
+            progress(counts["n"], limit)
+
+    n = counts["n"]
+    if n == 0:
+        raise EvalError(f"{manifest_dir}: no row with a transcript to score ({counts['skipped']} without one)")
+    report: dict[str, Any] = {
+        "model": str(model_dir),
+        "manifest": str(manifest_dir),
+        "n": n,
+        "skipped": counts["skipped"],
+        "limit": limit,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "systems": {name: {k: sums[name][k] / n for k in METRICS} for name in systems},
+    }
+    if "blind" in systems:
+        report["blind_same_text"] = same_text / n
+    if cascade is not None:
+        errors = word_errors(refs, hyps)
+        report["cascade_wer"] = errors.wer
+        report["cascade_word_errors"] = {"errors": errors.errors, "ref_words": errors.ref_words}
+    report["examples"] = examples
+    return report
+
+
+# --- rendering ------------------------------------------------------------------------------------------------
+
+COLUMNS = {
+    "cosine": "cos(h, h_T)",
+    "top1_agree": "top-1 agree",
+    "kl": "KL(T||S)",
+    "identical": "identical answers",
+    "prefix_tokens": "shared prefix (tokens)",
+    "prefix_frac": "shared prefix (frac)",
+}
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The report's per-system table: header and rows of formatted cells (for markdown and the CLI's table)."""
+    header = ["system", *COLUMNS.values()]
+    rows = [[name, *(f"{metrics[k]:.3f}" for k in COLUMNS)] for name, metrics in report["systems"].items()]
+    return header, rows
+
+
+def report_notes(report: dict[str, Any]) -> list[str]:
+    """The lines that go under the table: n, skipped rows, the cascade's WER, the blind control's same-text pairs."""
+    notes = [f"n = {report['n']} rows with a transcript ({report['skipped']} without one skipped); answers up to "
+             f"{report['max_new_tokens']} tokens, greedy"]  # fmt: skip
+    if "cascade_wer" in report:
+        notes.append(f"cascade: Whisper's transcripts have WER {report['cascade_wer']:.3f}")
+    if "blind_same_text" in report:
+        notes.append(f"blind: {report['blind_same_text']:.3f} of the pairs have identical transcripts")
+    return notes
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown table followed by its notes."""
+    header, rows = table_rows(report)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([*lines, "", *(f"- {note}" for note in report_notes(report))]) + "\n"

@@ -1,0 +1,169 @@
+"""Inference end to end through the CLI on the tiny random Whisper and Llama and real clips: `diva train` a few
+steps, then `diva generate` (a line per row, an error line for unreadable audio, resumable), `diva chat` (a file
+and stdin, the same answer as generate) and `diva eval` (n counts rows with a transcript only, metrics in range,
+the student's cosine equals the direct forward's); `--help` explains every option."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from diva.audio import load_audio
+from diva.cli import app
+from diva.manifests.store import read_manifest
+from diva.student.checkpoint import load_pretrained, load_processors
+from diva.student.features import log_mel
+from diva.student.generate import generate
+from diva.teacher_cache.backends.hf import HFTeacher
+from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
+from diva.tests.test_train import _build, _clips
+
+MAX_NEW = 6
+
+
+def _invoke(args: list[str], **kw):
+    result = CliRunner().invoke(app, args, **kw)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(speech_dir: Path, tiny_whisper: Path, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny student trained 2 steps by `diva train` on 6 digit clips; the Whisper folder is a copy of the tiny
+    Whisper with a tokenizer (the tiny Llama's: its ids cover Whisper's 1,024), so the cascade can decode."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path_factory.mktemp("inference")
+    whisper = base / "whisper"
+    shutil.copytree(tiny_whisper, whisper)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(whisper)
+    rows = _clips(speech_dir)[:6]
+    cache = _build(speech_dir, rows, tiny_llama, base / "data")
+    args = ["train", "--cache", str(cache), "--out", str(base / "run"), "-c", "tiny",
+            "--set", f"models.whisper={whisper}", "--set", f"models.llm={tiny_llama}", "--set", "train.steps=2",
+            "--set", "train.batch_size=2", "--set", "student.num_queries=8", "--set", "student.long_text=truncate",
+            "--set", "runtime.threads=1", "--set", "runtime.device=cpu"]  # fmt: skip
+    _invoke(args)
+    return {"dir": base / "run", "manifest": base / "data" / "m", "base": base, "clip": speech_dir / rows[0]["file"]}
+
+
+@pytest.fixture(scope="module")
+def loaded(run: dict):
+    student, info = load_pretrained(run["dir"])
+    return student, info, *load_processors(info)
+
+
+def _generate(loaded, audios: list[np.ndarray], max_new_tokens: int = MAX_NEW):
+    student, info, tokenizer, fe = loaded
+    return generate(student, audios, max_new_tokens=max_new_tokens, tokenizer=tokenizer, feature_extractor=fe,
+                    trim_mel=info.student_cfg.trim_mel)  # fmt: skip
+
+
+def _write_manifest(path: Path, utts: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(u) + "\n" for u in utts), encoding="utf-8")
+    return path
+
+
+def test_generate_answers_every_row_and_resumes(run: dict, loaded, tmp_path: Path) -> None:
+    utts = [u.to_json() for u in read_manifest(run["manifest"])]
+    bad_file = tmp_path / "not-audio.wav"
+    bad_file.write_text("not a wav")
+    bad = {**utts[0], "id": "bad", "audio": str(bad_file)}
+    manifest = _write_manifest(tmp_path / "m.jsonl", [*utts[:2], bad, *utts[2:]])  # the bad row is row 3
+    out = tmp_path / "answers.jsonl"
+    args = ["generate", str(manifest), "-o", str(out), "--model", str(run["dir"]), "--batch-size", "2",
+            "--max-new-tokens", str(MAX_NEW), "--limit", "5", "--device", "cpu"]  # fmt: skip
+    result = _invoke(args)
+    assert "answered 4 rows, 1 unreadable" in result.output
+    lines = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(lines) == {u["id"] for u in utts[:4]} | {"bad"}
+    assert lines["bad"]["row"] == 3 and "not-audio.wav" in lines["bad"]["error"]
+    first = lines[utts[0]["id"]]
+    alone = _generate(loaded, [load_audio(utts[0]["audio"])[0]])
+    assert first["tokens"] == alone.token_ids[0] and first["answer"] == alone.texts[0]
+    assert first["chunks"] == 1 and 0 < first["ttft_s"] <= first["seconds"] and first["audio_s"] > 0
+
+    text = out.read_text()
+    out.write_text(text + '{"id": "cut sh')  # a line cut short by a crash
+    again = _invoke([*args[:-4], "--limit", "6", "--device", "cpu"])
+    assert "answered 1 rows, 0 unreadable (error lines), 5 already in" in again.output
+    assert out.read_text().startswith(text) and len(out.read_text().splitlines()) == 6
+
+
+def test_chat_streams_the_generate_answer_from_a_file_and_stdin(run: dict, loaded) -> None:
+    expected = _generate(loaded, [load_audio(run["clip"])[0]], max_new_tokens=12).texts[0]
+    args = ["--model", str(run["dir"]), "--max-new-tokens", "12", "--device", "cpu"]
+    from_file = _invoke(["chat", str(run["clip"]), *args])
+    from_stdin = _invoke(["chat", "-", *args], input=run["clip"].read_bytes())
+    assert from_file.stdout == from_stdin.stdout == expected + "\n"
+    sampled = _invoke(["chat", str(run["clip"]), *args, "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"])
+    assert sampled.stdout.endswith("\n")
+
+
+def test_chat_reports_unreadable_audio(run: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "x.wav"
+    bad.write_text("nope")
+    result = CliRunner().invoke(app, ["chat", str(bad), "--model", str(run["dir"]), "--device", "cpu"])
+    assert result.exit_code == 2 and "x.wav" in result.output
+
+
+def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -> None:
+    utts = [u.to_json() for u in read_manifest(run["manifest"])][:4]
+    manifest = _write_manifest(tmp_path / "m.jsonl", [utts[0], {**utts[1], "id": "silent", "text": " "}, *utts[1:]])
+    report_path = tmp_path / "report.json"
+    args = ["eval", "--model", str(run["dir"]), "--manifest", str(manifest), "--limit", "10", "--batch-size", "2",
+            "--max-new-tokens", str(MAX_NEW), "--systems", "student,cascade,blind,floor", "-o", str(report_path),
+            "--device", "cpu"]  # fmt: skip
+    result = _invoke(args)
+    report = json.loads(report_path.read_text())
+    assert report["n"] == 4 and report["skipped"] == 1 and "n = 4 rows" in result.output
+    assert set(report["systems"]) == {"student", "cascade", "blind", "floor"} and "cascade" in result.output
+    for metrics in report["systems"].values():
+        assert -1 <= metrics["cosine"] <= 1 and metrics["kl"] >= 0 and metrics["distill"] >= 0
+        assert all(0 <= metrics[k] <= 1 for k in ("top1_agree", "identical", "prefix_frac"))
+        assert 0 <= metrics["prefix_tokens"] <= MAX_NEW
+    assert report["cascade_wer"] >= 0 and 0 <= report["blind_same_text"] <= 1
+    assert report["examples"][0]["transcript"] == utts[0]["text"] and "whisper_transcript" in report["examples"][0]
+
+    student, info, tokenizer, fe = loaded  # the student's cosine, from the training forward and the cache's teacher
+    features, frames = log_mel([load_audio(u["audio"])[0] for u in utts], fe, trim=info.student_cfg.trim_mel)
+    with torch.no_grad():
+        h_s = student(features, frames).h_s  # (4, d)
+    teacher = HFTeacher(info.llm_dir, batch_size=4, device="cpu")
+    ids = [teacher_input_ids(info.prompt, transcript_ids(tokenizer, u["text"])) for u in utts]
+    h_t = torch.tensor(np.stack(teacher.final_hidden(ids)))  # (4, d): h_T as the teacher cache computes it
+    cosine = float(torch.nn.functional.cosine_similarity(h_s, h_t, dim=-1).mean())
+    assert report["systems"]["student"]["cosine"] == pytest.approx(cosine, abs=1e-4)
+
+
+def test_eval_refuses_an_unknown_system(run: dict) -> None:
+    result = CliRunner().invoke(app, ["eval", "--model", str(run["dir"]), "--manifest", str(run["manifest"]),
+                                      "--systems", "student,oracle"])  # fmt: skip
+    assert result.exit_code == 2 and "oracle" in result.output
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "eval"])
+def test_help_explains_every_option(command: str) -> None:
+    click_command = typer.main.get_command(app).commands[command]
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0
+    for param in click_command.params:
+        assert param.help and len(param.help) > 10, f"{command} {param.name} has no help"
+        for name in param.opts if param.param_type_name == "option" else []:
+            assert name in result.output, f"{command} --help does not list {name}"
+
+
+def test_answer_scores_count_identical_answers_and_shared_prefixes() -> None:
+    from diva.student.evaluate import answer_scores, shared_prefix
+
+    assert [shared_prefix([1, 2, 3], b) for b in ([1, 2, 3], [1, 2], [1, 5, 3], [4], [])] == [3, 2, 1, 0, 0]
+    teacher = [[1, 2, 3, 9], [4, 9], [7, 8]]
+    scores = answer_scores([[1, 2, 3, 9], [4, 5, 9], [6]], teacher)
+    assert scores == {"identical": 1.0, "prefix_tokens": 5.0, "prefix_frac": pytest.approx(1.0 + 0.5 + 0.0)}
