@@ -190,6 +190,12 @@ class TrainConfig:
         "num_workers-th batch of the same stream), so a run may resume with another count.",
         default=0,
     )
+    gradient_checkpointing: bool = doc(
+        "Activation checkpointing over the Q-Former's decoder layers and the frozen LLM's layers: each layer's "
+        "activations are recomputed in the backward instead of kept (same losses and gradients; less memory, "
+        "about one more forward pass of compute). For long prompts, large Q or large LLMs.",
+        default=False,
+    )
     teacher: str = doc(
         "Where h_T comes from: cache (read from the teacher cache) or online (the student's LLM runs the teacher's "
         "text pass inside every step: the no-cache baseline; audio, transcripts and alignment targets still come "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diva.config import StudentConfig
 from diva.student.features import encoder_frames_for
@@ -52,6 +53,51 @@ def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.
     """Additive causal mask (1, 1, length, length): query i sees keys 0..i (explicit, so eager attention is causal)."""
     mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
     return mask[None, None]  # (1, 1, L, L)
+
+
+# --- gradient checkpointing -------------------------------------------------------------------------
+
+
+def checkpoint_layers(layers: nn.ModuleList) -> None:
+    """Activation checkpointing per layer: each layer keeps only its inputs in the forward and runs again in the
+    backward (torch.utils.checkpoint, non-reentrant: gradients reach frozen layers' inputs; the RNG state is
+    restored, so dropout draws the same). Only while autograd records; calling it twice changes nothing.
+
+    The layer's `forward` is replaced on the instance, so parameter names and state dicts stay the same."""
+    for layer in layers:
+        if getattr(layer, "_diva_checkpointed", False):
+            continue
+        forward = layer.forward
+
+        def checkpointed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed
+        layer._diva_checkpointed = True
+
+
+def _read_only_update(layer: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+    """A prefix cache layer's `update` that returns [prefix, new] keys/values without storing the new ones."""
+    return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+def read_only_prefix(cache: Any) -> Any:
+    """Make a transformers DynamicCache of the prompt prefix read-only: a checkpointed layer's recompute in the
+    backward must see the prefix alone again, not the prefix plus the keys its forward appended."""
+    import types
+
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise ValueError(
+                f"gradient checkpointing with reuse_prefix_kv needs a plain DynamicCache, this LLM's has "
+                f"{type(layer).__name__} layers; set student.reuse_prefix_kv=false"
+            )
+        layer.update = types.MethodType(_read_only_update, layer)
+    return cache
 
 
 # --- the frozen encoder -----------------------------------------------------------------------------
@@ -240,6 +286,7 @@ class DiVAStudent(nn.Module):
         self.encoder_trainable = encoder_trainable
         self.llm_trainable = llm_trainable
         self.reuse_prefix_kv = reuse_prefix_kv
+        self.gradient_checkpointing = False
         self.encoder.requires_grad_(encoder_trainable)
         self.llm.requires_grad_(llm_trainable)
         if self.lm_head is not None:
@@ -291,6 +338,21 @@ class DiVAStudent(nn.Module):
                 self.lm_head.eval()
         return self
 
+    def enable_gradient_checkpointing(self) -> DiVAStudent:
+        """Activation checkpointing over the Q-Former's decoder layers and the LLM's layers (`checkpoint_layers`):
+        same losses and gradients, activations of one layer at a time in the backward instead of all.
+
+        Not transformers' `gradient_checkpointing_enable`: its layers checkpoint only in training mode (the frozen
+        LLM stays in eval mode) and drop `past_key_values` (the reused prefix keys/values) when they do."""
+        if isinstance(self.adapter, QFormer):
+            checkpoint_layers(self.adapter.layers)
+        layers = getattr(self.llm, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"{type(self.llm).__name__} has no `layers` list to checkpoint")
+        checkpoint_layers(layers)
+        self.gradient_checkpointing = True
+        return self
+
     def encode_audio(self, features: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder outputs (B, T_enc, d_w) of mel features (B, n_mels, T); no gradient while the encoder is frozen.
 
@@ -328,6 +390,8 @@ class DiVAStudent(nn.Module):
             with torch.no_grad():
                 cache = self.llm(inputs_embeds=prefix[None], use_cache=True).past_key_values  # batch 1
             cache.batch_repeat_interleave(batch)
+            if self.gradient_checkpointing:
+                read_only_prefix(cache)
             x = torch.cat([v, suffix], dim=1)  # (B, Q + S, d_llm)
             hidden = self.llm(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state
         else:

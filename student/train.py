@@ -24,6 +24,9 @@ the losses run in the main process. The batches and their order do not depend on
 `student.data`), so the losses are the same with or without workers and a run may resume with another count
 (the checkpoint records the count, for the record only). The workers stop when the run ends or fails.
 
+`train.gradient_checkpointing` recomputes each Q-Former and LLM layer's activations in the backward instead of
+keeping them (`DiVAStudent.enable_gradient_checkpointing`; the same losses and gradients).
+
 Several training caches mix by weight (`data.mixed_stream`): they must agree on what the student depends on
 (LLM checksum, prompt ids, dtype, hidden size); the checkpoint's data position is then every cache's own
 position plus the draw count (a checkpoint of one cache from before mixing still loads).
@@ -490,6 +493,8 @@ def train(
         prompt = PromptSpec.from_json(index["prompt"])  # the cache's prompt ids, never a fresh render
         student = DiVAStudent.from_pretrained_parts(whisper_dir, llm_dir, prompt, student_cfg, dtype=dtype).to(device)
         student.train()
+        if train_cfg.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
         distributed.broadcast_trainable(student, layout)
         if layout.enabled:  # each rank its own dropout draws
             torch.manual_seed(train_cfg.seed + layout.rank)

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -473,3 +474,58 @@ def test_workers_train_and_resume_like_in_process(caches, tiny_whisper, tiny_lla
     result = train(caches["train"], halted, tiny_whisper, tiny_llama, STUDENT, with_workers, RUNTIME, resume=True)
     assert result["resumed_from"] == 3
     assert [[r[k] for k in keys] for r in _records(halted)] == [[r[k] for k in keys] for r in _records(straight)]
+
+
+# --- gradient checkpointing -------------------------------------------------------------------------------------
+
+
+def _count_call(calls: dict[str, int], key: str, *_: object) -> None:
+    calls[key] += 1
+
+
+@pytest.mark.parametrize("reuse_prefix_kv", [True, False])
+def test_gradient_checkpointing_keeps_losses_and_gradients(caches, tiny_whisper, tiny_llama, reuse_prefix_kv) -> None:
+    """Checkpointed Q-Former and LLM layers give the same loss and trainable gradients, and do recompute (each
+    layer's attention runs twice: forward, then again in the backward)."""
+    from diva.student.losses import combined_loss
+    from diva.student.model import DiVAStudent
+    from diva.teacher_cache.index import read_index
+    from diva.teacher_cache.prompt import PromptSpec
+
+    cfg = StudentConfig(num_queries=8, long_text="truncate", reuse_prefix_kv=reuse_prefix_kv)
+    prompt = PromptSpec.from_json(read_index(caches["train"])["prompt"])
+    gen = torch.Generator().manual_seed(0)
+    encoder_out, lengths = torch.randn(3, 20, 64, generator=gen), torch.tensor([20, 13, 7])  # (B, T_enc, d_w)
+    h_t, targets = torch.randn(3, 128, generator=gen), [torch.randn(n, 128, generator=gen) for n in (2, 5, 3)]
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        student = DiVAStudent.from_pretrained_parts(tiny_whisper, tiny_llama, prompt, cfg).train()
+        if checkpointing:
+            student.enable_gradient_checkpointing()
+        calls = {"qformer": 0, "llm": 0}
+        for key, layer in (("qformer", student.adapter.layers[0]), ("llm", student.llm.layers[0])):
+            layer.self_attn.register_forward_hook(partial(_count_call, calls, key))
+        torch.manual_seed(1)  # the same dropout draws in both runs
+        out = student(encoder_out=encoder_out, encoder_lengths=lengths)
+        loss = combined_loss(out, h_t, targets, cfg, student.lm_head).total
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+        results.append((float(loss.detach()), grads, calls))
+    (loss0, grads0, calls0), (loss1, grads1, calls1) = results
+    prefix = 1 if reuse_prefix_kv else 0  # the prefix's own LLM pass (no grad: not recomputed)
+    assert calls0 == {"qformer": 1, "llm": 1 + prefix} and calls1 == {"qformer": 2, "llm": 2 + prefix}
+    assert loss1 == pytest.approx(loss0, abs=1e-5) and grads0.keys() == grads1.keys() and len(grads0) > 10
+    for name in grads0:
+        assert torch.allclose(grads0[name], grads1[name], atol=1e-5), name
+    assert any(float(g.abs().max()) > 0 for g in grads0.values())
+
+
+def test_gradient_checkpointing_run_logs_the_same_losses(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
+    keys = ("loss", "distill", "align", "grad_norm")
+    for on in (False, True):
+        train(caches["train"], tmp_path / str(on), tiny_whisper, tiny_llama, STUDENT,
+              _train_cfg(steps=3, gradient_checkpointing=on), RUNTIME)  # fmt: skip
+    plain, checkpointed = _records(tmp_path / "False"), _records(tmp_path / "True")
+    for a, b in zip(plain, checkpointed, strict=True):
+        assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], abs=1e-5)
