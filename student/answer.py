@@ -63,7 +63,8 @@ def windows(rows: Iterable[tuple[int, Utterance]], batch_size: int) -> Iterator[
         yield from (window[i : i + batch_size] for i in range(0, len(window), batch_size))
 
 
-def _load(utt: Utterance) -> np.ndarray:
+def utterance_audio(utt: Utterance) -> np.ndarray:
+    """A manifest row's audio (its segment of the file), mono float32 at 16 kHz; AudioError when unreadable."""
     return load_audio(utt.audio, SAMPLE_RATE, offset_s=utt.offset_s, duration_s=utt.duration_s)[0]
 
 
@@ -130,7 +131,7 @@ def _answer_batch(
     lines, good, audios = [], [], []
     for row, utt in batch:
         try:
-            audios.append(_load(utt))
+            audios.append(utterance_audio(utt))
             good.append(utt)
         except AudioError as e:
             lines.append({"id": utt.id, "error": str(e), "audio": utt.audio, "row": row})

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from diva.audio import AudioError, load_audio
+from diva.audio import AudioError
 from diva.manifests.record import Utterance
 from diva.manifests.store import read_manifest
+from diva.student.answer import utterance_audio
 from diva.student.generate import SAMPLE_RATE, audio_rows, decode_steps, eos_token_ids, split_at_stop, split_chunks
 from diva.student.model import DiVAStudent
 from diva.student.train import prediction_scores
@@ -123,7 +124,7 @@ def scored_rows(manifest_dir: Path, limit: int, counts: dict[str, int]) -> Itera
 
 def _load(row: int, utt: Utterance) -> np.ndarray:
     try:
-        return load_audio(utt.audio, SAMPLE_RATE, offset_s=utt.offset_s, duration_s=utt.duration_s)[0]
+        return utterance_audio(utt)
     except AudioError as e:
         raise EvalError(f"manifest row {row} ({utt.id}): {e}; remove the row or fix the file") from e
 
@@ -244,7 +245,7 @@ def evaluate_answers(
 COLUMNS = {
     "cosine": "cos(h, h_T)",
     "top1_agree": "top-1 agree",
-    "kl": "KL(T||S)",
+    "kl": "KL(T‖S)",  # not "||": a markdown table would split the cell
     "identical": "identical answers",
     "prefix_tokens": "shared prefix (tokens)",
     "prefix_frac": "shared prefix (frac)",

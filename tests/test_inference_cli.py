@@ -19,6 +19,7 @@ from diva.audio import load_audio
 from diva.cli import app
 from diva.manifests.store import read_manifest
 from diva.student.checkpoint import load_pretrained, load_processors
+from diva.student.evaluate import render_markdown
 from diva.student.features import log_mel
 from diva.student.generate import generate
 from diva.teacher_cache.backends.hf import HFTeacher
@@ -131,6 +132,9 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
         assert 0 <= metrics["prefix_tokens"] <= MAX_NEW
     assert report["cascade_wer"] >= 0 and 0 <= report["blind_same_text"] <= 1
     assert report["examples"][0]["transcript"] == utts[0]["text"] and "whisper_transcript" in report["examples"][0]
+    markdown = render_markdown(report).splitlines()
+    assert markdown[0].startswith("| system | cos(h, h_T) |") and markdown[2].startswith("| student | ")
+    assert len(markdown[0].split("|")) == len(markdown[2].split("|")) and any("WER" in line for line in markdown)
 
     student, info, tokenizer, fe = loaded  # the student's cosine, from the training forward and the cache's teacher
     features, frames = log_mel([load_audio(u["audio"])[0] for u in utts], fe, trim=info.student_cfg.trim_mel)
