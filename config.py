@@ -196,6 +196,13 @@ class TrainConfig:
         "about one more forward pass of compute). For long prompts, large Q or large LLMs.",
         default=False,
     )
+    fsdp: bool = doc(
+        "Under torchrun: shard the trainable parts (Q-Former layers, adapter, projection), their gradients and "
+        "AdamW state over the ranks with torch's FSDP2 fully_shard; the frozen encoder and LLM stay whole on every "
+        "rank. For students whose trainable parts or optimizer state do not fit one device. Checkpoints hold the "
+        "gathered weights, interchangeable with runs without FSDP.",
+        default=False,
+    )
     teacher: str = doc(
         "Where h_T comes from: cache (read from the teacher cache) or online (the student's LLM runs the teacher's "
         "text pass inside every step: the no-cache baseline; audio, transcripts and alignment targets still come "

@@ -9,8 +9,17 @@
 Why a manual all-reduce and not DistributedDataParallel: only the adapter and projection train; the frozen
 encoder and LLM need no sync, some trainable tensors get no gradient on a step (DDP would need
 find_unused_parameters), and with grad_accum the all-reduce happens once per step anyway. DDP's overlap of
-communication with backward is the one thing given up (small students: negligible). FSDP for large students
-is a TODO: it would shard the trainable parameters and optimizer state, which this design keeps whole.
+communication with backward is the one thing given up (small students: negligible).
+
+FSDP (train.fsdp, for large students): `shard_trainable` applies torch's FSDP2 `fully_shard` to the TRAINABLE
+parts only: each Q-Former decoder layer, then the adapter (queries, positions, final norm, or the MLP), then the
+projection. Their parameters, gradients and AdamW state become DTensors sharded over the ranks (dim 0); the
+frozen encoder and LLM stay whole on every rank. FSDP all-gathers a unit's parameters for its forward and
+backward and reduce-scatters (averages) its gradients, so `average_gradients` is skipped; the clip uses the
+DTensor-aware `clip_grad_norm_` (the norm is global). Checkpoints hold gathered tensors (`full_tensor`,
+a collective every rank joins; rank 0 writes), in the same layout as a run without FSDP, so either kind of run
+resumes the other's checkpoint (`shard_like` scatters them back). Works on CUDA/nccl and on the CPU with gloo
+(the two-process test); with grad_accum the gradients are reduce-scattered after every micro-batch.
 """
 
 from __future__ import annotations
@@ -134,3 +143,68 @@ def check_shards(num_shards: int, layout: Dist, workers: int = 1) -> None:
             f"the cache has {num_shards} shard(s) but {layout.world_size} rank(s) x {workers} data worker(s) need at "
             f"least {needed}; rebuild it with a smaller cache.shard_size or run fewer processes"
         )
+
+
+# --- FSDP2 over the trainable parts ---------------------------------------------------------------------------
+
+
+def shard_trainable(student: nn.Module, layout: Dist, device: torch.device) -> None:
+    """FSDP2 `fully_shard` over the student's trainable parts (module doc); the frozen parts stay replicated.
+
+    Call it after `broadcast_trainable` (the shards are cut from the weights every rank holds) and before the
+    optimizer is built (it must see the sharded parameters)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not layout.enabled:
+        raise ValueError("train.fsdp shards over the ranks of a torchrun job; run with torchrun --nproc_per_node >= 2")
+    if any(p.requires_grad for m in (student.encoder, student.llm) for p in m.parameters()):
+        raise ValueError("train.fsdp shards the adapter and projection only; the encoder and LLM must be frozen")
+    mesh = init_device_mesh(device.type, (layout.world_size,))
+    for layer in getattr(student.adapter, "layers", []):  # a Q-Former: one unit per decoder layer
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student.adapter, mesh=mesh)
+    fully_shard(student.projection, mesh=mesh)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a collective: every rank must call it in the same order), else itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every sharded state tensor gathered: the layout of a run without FSDP."""
+    state = optimizer.state_dict()
+    for index in sorted(state["state"]):
+        state["state"][index] = {k: gathered(v) for k, v in sorted(state["state"][index].items())}
+    return state
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` cut like the (possibly sharded) `like`: a DTensor on its mesh and placements, else `full` as is."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if not is_sharded(like):
+        return full
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A gathered (or non-FSDP) optimizer state dict cut to this run's sharded parameters, ready to load."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state["state"].items():
+        param = params[int(index)]
+        state["state"][index] = {k: v if k == "step" else shard_like(v, param) for k, v in values.items()}
+    return state
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm (over all ranks' shards under FSDP); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(gathered(norm))

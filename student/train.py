@@ -36,7 +36,16 @@ position plus the draw count (a checkpoint of one cache from before mixing still
 cache still supplies the audio, transcripts and alignment targets (a cacheless manifest reader is not done),
 and held-out evaluation still reads h_T from the eval cache.
 
-Seams left for later: FSDP for large students (see `student.distributed`), a manifest reader for online mode.
+`train.fsdp` (under torchrun) shards the trainable parts, their gradients and AdamW state over the ranks with
+FSDP2 `fully_shard` (`distributed.shard_trainable`; the frozen encoder and LLM stay whole on every rank): FSDP
+averages the gradients itself, so the manual all-reduce is skipped, and the clip is DTensor-aware. Checkpoints
+hold the gathered weights and optimizer state (every rank joins the gathers, rank 0 writes), laid out as without
+FSDP, so a run with FSDP resumes a checkpoint of a run without it (tested) and the other way round (the same
+files; the world size must still match), and a student without FSDP loads its weights (tested). Under FSDP every
+rank runs the held-out evaluation (the forward's gathers need them all); rank 0 logs it. Tested on the CPU with
+gloo (two processes); not yet run on CUDA/nccl here.
+
+Seams left for later: a manifest reader for online mode.
 """
 
 from __future__ import annotations
@@ -142,11 +151,22 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def full_weights(student: DiVAStudent) -> dict[str, torch.Tensor]:
+    """The trainable weights on the CPU, gathered from the shards under FSDP (a collective: every rank calls it)."""
+    return {k: distributed.gathered(v).detach().cpu().contiguous() for k, v in student.trainable_state_dict().items()}
+
+
+def full_state(student: DiVAStudent, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trainable weights and the optimizer state, gathered under FSDP (a collective: every rank calls it), so
+    a checkpoint has the same layout with or without FSDP."""
+    return full_weights(student), distributed.full_optimizer_state(optimizer)
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    student: DiVAStudent,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     schedule: Any,
     position: MixPosition,
     rank_rngs: list[dict[str, Any]] | None = None,
@@ -154,6 +174,7 @@ def save_checkpoint(
 ) -> Path:
     """checkpoints/step_XXXXXX/ with weights, state and a json, written under a temp name and renamed.
 
+    `weights`, `optimizer_state`: the trainable weights and optimizer state (`full_state`).
     `rank_rngs`: every rank's RNG states in a distributed run (the world size is their count); None: this
     process alone. `num_workers` is for the record only: the data order does not depend on it."""
     from safetensors.torch import save_file
@@ -162,12 +183,11 @@ def save_checkpoint(
     tmp = run_dir / CHECKPOINTS / f".step_{step:06d}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in student.trainable_state_dict().items()}
     save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
     rngs = rank_rngs or [rng_states()]
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "schedule": schedule.state_dict(),
         "rng": rngs[0],
         "rank_rngs": rngs,
@@ -209,7 +229,7 @@ def load_checkpoint(
 ) -> tuple[int, MixPosition]:
     """Restore weights, optimizer, schedule and this rank's RNG from a checkpoint folder; returns (step, data
     position). Refuses a checkpoint written by a run of another world size (its data split would differ) or
-    over another number of caches."""
+    over another number of caches. Under FSDP the gathered tensors are cut to this rank's shards."""
     from safetensors.torch import load_file
 
     weights = load_file(str(path / WEIGHTS_FILE))
@@ -229,8 +249,9 @@ def load_checkpoint(
             f"{path} was written by a run over {len(position.caches)} cache(s) but this run has {num_caches}; "
             "resume with the same --cache list (and weights) as the run that wrote it"
         )
-    student.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(state["optimizer"])
+    current = student.trainable_state_dict()
+    student.load_state_dict({k: distributed.shard_like(v, current[k]) for k, v in weights.items()}, strict=False)
+    optimizer.load_state_dict(distributed.shard_optimizer_state(state["optimizer"], optimizer))
     schedule.load_state_dict(state["schedule"])
     set_rng_states(state["rank_rngs"][layout.rank] if "rank_rngs" in state else state["rng"])
     return int(state["step"]), position
@@ -296,10 +317,11 @@ def train_step(
             counts["align_skipped"] += loss.align_stats.skipped
             counts["align_truncated"] += loss.align_stats.truncated
             counts["align_empty"] += loss.align_stats.empty
-    distributed.average_gradients(student, layout)
+    if not cfg.fsdp:  # FSDP has reduce-scattered (averaged) the gradients in the backward
+        distributed.average_gradients(student, layout)
     params = [p for p in student.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # of the averaged grads: equal on all ranks
+    grad_norm = distributed.clip_grad_norm(params, max_norm)  # of the averaged grads: equal on all ranks
     optimizer.step()
     schedule.step()
     device = student.prefix_ids.device
@@ -496,6 +518,8 @@ def train(
         if train_cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         distributed.broadcast_trainable(student, layout)
+        if train_cfg.fsdp:
+            distributed.shard_trainable(student, layout, device)
         if layout.enabled:  # each rank its own dropout draws
             torch.manual_seed(train_cfg.seed + layout.rank)
         optimizer, schedule = build_optimizer(student, train_cfg)
@@ -518,7 +542,8 @@ def train(
             batches = recording(batches, consumed_ids)
 
         held_out = None
-        if eval_cache_dir is not None and layout.is_main:  # rank 0 evaluates while the others wait at the all-reduce
+        # rank 0 evaluates while the others wait at the all-reduce; under FSDP every rank joins the forward's gathers
+        if eval_cache_dir is not None and (layout.is_main or train_cfg.fsdp):
             lm_head = student.lm_head if student.lm_head is not None else load_lm_head(Path(llm_dir), dtype, device)
             eval_encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, True)
             held_out = HeldOut(Path(eval_cache_dir), eval_encoder, lm_head, mixed_mean_h_t(cache_dirs, weights),
@@ -547,11 +572,14 @@ def train(
                 progress(step, last_train)
             if held_out is not None and is_due(step, train_cfg.eval_every, train_cfg.steps):
                 last_eval = {"split": "eval", "step": step, **held_out(student, student_cfg)}
-                log.write(last_eval)
+                if log:
+                    log.write(last_eval)
             if is_due(step, train_cfg.checkpoint_every, train_cfg.steps):
                 rngs = distributed.gather_objects(rng_states(), layout) if layout.enabled else None
+                if layout.is_main or train_cfg.fsdp:  # under FSDP every rank joins the gathers
+                    weights, optimizer_state = full_state(student, optimizer)
                 if layout.is_main:
-                    checkpoint = save_checkpoint(run_dir, step, student, optimizer, schedule, position, rngs,
+                    checkpoint = save_checkpoint(run_dir, step, weights, optimizer_state, schedule, position, rngs,
                                                  num_workers=train_cfg.num_workers)  # fmt: skip
                     prune_checkpoints(run_dir, train_cfg.keep_checkpoints)
         if log:
@@ -582,10 +610,15 @@ def recording(batches: Iterator[tuple[Batch, MixPosition]], ids: list[str]) -> I
 
 
 def write_rank_debug(folder: Path, rank: int, ids: list[str], student: DiVAStudent) -> None:
-    """Test hook: rank<r>_ids.json (the utterances this rank trained on, in order) and rank<r>.safetensors."""
+    """Test hook: rank<r>_ids.json (the utterances this rank trained on, in order), rank<r>.safetensors (the
+    whole weights, gathered under FSDP: every rank calls it) and rank<r>_params.json (the trainable values this
+    rank holds)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank{rank}_ids.json").write_text(json.dumps(ids) + "\n")
-    weights = {k: v.detach().cpu().contiguous() for k, v in student.trainable_state_dict().items()}
-    save_file(weights, str(folder / f"rank{rank}.safetensors"))
+    save_file(full_weights(student), str(folder / f"rank{rank}.safetensors"))
+    local = sum(
+        p.to_local().numel() if distributed.is_sharded(p) else p.numel() for p in distributed.trainable(student)
+    )
+    (folder / f"rank{rank}_params.json").write_text(json.dumps({"local": local}) + "\n")  # < the whole under FSDP

@@ -529,3 +529,74 @@ def test_gradient_checkpointing_run_logs_the_same_losses(caches, tiny_whisper, t
     plain, checkpointed = _records(tmp_path / "False"), _records(tmp_path / "True")
     for a, b in zip(plain, checkpointed, strict=True):
         assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], abs=1e-5)
+
+
+# --- FSDP ---------------------------------------------------------------------------------------------------------
+
+
+def test_fsdp_needs_torchrun(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="train.fsdp shards over the ranks of a torchrun job"):
+        train(caches["train"], tmp_path / "run", tiny_whisper, tiny_llama, STUDENT, _train_cfg(steps=1, fsdp=True),
+              RUNTIME)  # fmt: skip
+
+
+def test_torchrun_fsdp_resumes_the_plain_run_and_ends_equal(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
+    """Two gloo processes: a plain run of 4 steps, and the same run killed after its step-2 checkpoint and resumed
+    with the trainable parts sharded by FSDP2 (the plain checkpoint cut into shards, 2 sharded steps, a gathered
+    checkpoint). Both end with the same weights and optimizer state, and the FSDP checkpoint loads into a student
+    without FSDP."""
+    from diva.student.model import DiVAStudent
+    from diva.teacher_cache.index import read_index
+    from diva.teacher_cache.prompt import PromptSpec
+
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "diva.cli", "train",
+               "--cache", str(caches["train"]), "--out", str(plain), "-c", "tiny",
+               "--set", f"models.whisper={tiny_whisper}", "--set", f"models.llm={tiny_llama}",
+               "--set", "train.steps=4", "--set", "train.batch_size=2", "--set", "train.grad_accum=2",
+               "--set", "train.checkpoint_every=2", "--set", "runtime.threads=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIVA_DEBUG_RANK_DIR": str(tmp_path / "debug-plain")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    shutil.copytree(plain, sharded)
+    shutil.rmtree(sharded / "checkpoints" / "step_000004")
+    command[command.index("--master_port") + 1] = str(_free_port())
+    command[command.index(str(plain))] = str(sharded)
+    env["DIVA_DEBUG_RANK_DIR"] = str(tmp_path / "debug-sharded")
+    done = subprocess.run([*command, "--set", "train.fsdp=true", "--resume"], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    weights = {}
+    for name in ("plain", "sharded"):
+        debug = tmp_path / f"debug-{name}"
+        w0, w1 = (load_file(str(debug / f"rank{r}.safetensors")) for r in range(2))
+        assert all(torch.equal(w0[k], w1[k]) for k in w0)
+        held = [json.loads((debug / f"rank{r}_params.json").read_text())["local"] for r in range(2)]
+        whole = sum(v.numel() for v in w0.values())
+        if name == "sharded":  # each rank held its shard only
+            assert sum(held) == whole and max(held) < whole, (held, whole)
+        else:
+            assert held == [whole, whole]
+        weights[name] = w0
+    assert weights["plain"].keys() == weights["sharded"].keys()
+    for k in weights["plain"]:
+        assert torch.allclose(weights["plain"][k], weights["sharded"][k], atol=1e-5), k
+    keys = ("step", "loss", "distill", "align", "grad_norm")
+    for a, b in zip(_records(plain), _records(sharded), strict=True):
+        assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], abs=1e-5)
+
+    checkpoint = sharded / "checkpoints" / "step_000004"
+    prompt = PromptSpec.from_json(read_index(caches["train"])["prompt"])
+    student_cfg = load_config(sharded / "config.yaml", cls=TrainRun).student
+    student = DiVAStudent.from_pretrained_parts(tiny_whisper, tiny_llama, prompt, student_cfg)
+    missing, unexpected = student.load_state_dict(load_file(str(checkpoint / "trainable.safetensors")), strict=False)
+    assert not unexpected and not set(student.trainable_state_dict()) & set(missing)
+    assert all(torch.equal(v, weights["sharded"][k]) for k, v in student.trainable_state_dict().items())
+    states = [torch.load(r / "checkpoints" / "step_000004" / "state.pt", weights_only=True)["optimizer"] for r in
+              (plain, sharded)]  # fmt: skip
+    assert states[0]["state"].keys() == states[1]["state"].keys()
+    for index, values in states[0]["state"].items():
+        for key, value in values.items():
+            assert torch.allclose(value, states[1]["state"][index][key], atol=1e-5), (index, key)
