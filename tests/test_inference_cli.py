@@ -106,6 +106,11 @@ def test_chat_streams_the_generate_answer_from_a_file_and_stdin(run: dict, loade
     assert from_file.stdout == from_stdin.stdout == expected + "\n"
     sampled = _invoke(["chat", str(run["clip"]), *args, "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"])
     assert sampled.stdout.endswith("\n")
+    instructed = _invoke(["chat", str(run["clip"]), *args, "--prompt", "Answer in one word."])
+    student, info, tokenizer, fe = loaded
+    expected = generate(student, [load_audio(run["clip"])[0]], "Answer in one word.", 12, tokenizer=tokenizer,
+                        feature_extractor=fe, trim_mel=info.student_cfg.trim_mel).texts[0]  # fmt: skip
+    assert instructed.stdout == expected + "\n"
 
 
 def test_chat_reports_unreadable_audio(run: dict, tmp_path: Path) -> None:
