@@ -812,6 +812,90 @@ def eval_command(
         out.print(f"report: {report_json}")
 
 
+@app.command("report")
+def report_command(
+    held_out: Annotated[
+        Path,
+        typer.Option("--manifest", help="Held-out manifest to score (e.g. the demo's test split).", show_default=False),
+    ],
+    model: ModelOpt = None,
+    real: Annotated[
+        Path | None,
+        typer.Option("--real", help="A second manifest of real recordings, scored the same way.", show_default=False),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Score at most this many rows with a transcript per set.")] = 48,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per batch (the blind control rolls it).")] = 8,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Greedy answers compared up to this many tokens.")
+    ] = 32,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the report's inputs did not change.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Write RUN_DIR/report.md (+ report.json and PNG training curves): the student, the untrained floor, the
+    audio-blind control and the Whisper -> teacher cascade, scored against the teacher on held-out speech (and on
+    real recordings with --real), with verdicts. Skipped when the run and the options did not change."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from diva.audio import AudioError
+    from diva.manifests.store import ManifestError
+    from diva.student.checkpoint import CheckpointError
+    from diva.student.report import build_report
+
+    model_dir = _model_dir(model)
+    sets = {"held-out synthetic speech": held_out, **({"real recordings": real} if real is not None else {})}
+    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        tasks = {name: bar.add_task(name, total=limit) for name in sets}
+        try:
+
+            def advance(name: str, done: int, total: int) -> None:
+                bar.update(tasks[name], completed=done)
+
+            path, report, built = build_report(
+                model_dir, sets, limit, batch_size, max_new_tokens, device=device, force=force, progress=advance
+            )
+        except (AudioError, CheckpointError, ManifestError, ValueError) as e:
+            raise _fail(str(e)) from e
+    for name, result in report["sets"].items():
+        verdict = result["verdicts"]
+        beats = ", ".join(f"{ref}: {'yes' if verdict[f'beats_{ref}']['all'] else 'NO'}"
+                          for ref in ("floor", "blind") if f"beats_{ref}" in verdict)  # fmt: skip
+        out.print(f"{name} (n={result['n']}): student better on every metric than {beats}")
+    out.print(f"report: {path}" + ("" if built else " (up to date: nothing to do)"))
+
+
+@app.command("ask")
+def ask_command(
+    manifest: Annotated[
+        Path, typer.Option("--manifest", help="Manifest to take the spoken question from.", show_default=False)
+    ],
+    model: ModelOpt = None,
+    utt_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            help="Utterance id to ask (default: the first row whose transcript ends with '?').",
+            show_default=False,
+        ),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")] = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Answer one held-out spoken question twice: the teacher reading its transcript, the student hearing it."""
+    from diva.audio import AudioError
+    from diva.manifests.store import ManifestError
+    from diva.student.checkpoint import CheckpointError
+    from diva.student.evaluate import spoken_question
+
+    try:
+        result = spoken_question(_model_dir(model), manifest, utt_id, max_new_tokens, device)
+    except (AudioError, CheckpointError, ManifestError, ValueError) as e:
+        raise _fail(str(e)) from e
+    out.print(f"audio ({result['duration_s']:.1f} s): {result['audio']}")
+    out.print(f"transcript:               {result['transcript']}")
+    out.print(f"teacher (reads the text): {result['teacher']}")
+    out.print(f"student (hears the audio): {result['student']}")
+
+
 # --- diva info -----------------------------------------------------------------------------------
 
 

@@ -152,13 +152,40 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
     assert report["systems"]["student"]["cosine"] == pytest.approx(cosine, abs=1e-4)
 
 
+def test_report_writes_tables_verdicts_and_curves_once(run: dict) -> None:
+    args = ["report", "--model", str(run["dir"]), "--manifest", str(run["manifest"]), "--real", str(run["manifest"]),
+            "--limit", "4", "--batch-size", "2", "--max-new-tokens", str(MAX_NEW), "--device", "cpu"]  # fmt: skip
+    result = _invoke(args)
+    report = json.loads((run["dir"] / "report.json").read_text())
+    assert set(report["sets"]) == {"held-out synthetic speech", "real recordings"} and report["step"] == 2
+    for result_set in report["sets"].values():
+        assert result_set["n"] == 4 and set(result_set["systems"]) == {"student", "cascade", "blind", "floor"}
+        assert set(result_set["verdicts"]["beats_floor"]["per_metric"]) >= {"cosine", "top1_agree", "kl"}
+    markdown = (run["dir"] / "report.md").read_text()
+    assert "| student | " in markdown and "student better than blind" in markdown and "n = 4 rows" in markdown
+    assert (run["dir"] / "curves_train.png").read_bytes()[:4] == b"\x89PNG" and "curves_train.png" in markdown
+    assert "student better on every metric than floor" in result.output
+    again = _invoke(args)  # nothing changed: nothing recomputed
+    assert "up to date" in again.output
+
+
+def test_ask_answers_a_spoken_question_twice(run: dict, loaded) -> None:
+    utt = next(iter(read_manifest(run["manifest"])))  # the digits have no question: the first row is asked
+    result = _invoke(["ask", "--model", str(run["dir"]), "--manifest", str(run["manifest"]), "--max-new-tokens",
+                      str(MAX_NEW), "--device", "cpu"])  # fmt: skip
+    assert f"transcript:               {utt.text}" in result.output
+    student_line = next(line for line in result.output.splitlines() if line.startswith("student (hears"))
+    expected = _generate(loaded, [load_audio(utt.audio)[0]]).texts[0].strip()
+    assert student_line.split(": ", 1)[1].strip() == expected
+
+
 def test_eval_refuses_an_unknown_system(run: dict) -> None:
     result = CliRunner().invoke(app, ["eval", "--model", str(run["dir"]), "--manifest", str(run["manifest"]),
                                       "--systems", "student,oracle"])  # fmt: skip
     assert result.exit_code == 2 and "oracle" in result.output
 
 
-@pytest.mark.parametrize("command", ["chat", "generate", "eval"])
+@pytest.mark.parametrize("command", ["chat", "generate", "eval", "report", "ask"])
 def test_help_explains_every_option(command: str) -> None:
     click_command = typer.main.get_command(app).commands[command]
     result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
