@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -464,6 +465,16 @@ def test_workers_train_and_resume_like_in_process(caches, tiny_whisper, tiny_lla
     assert logged[2] == logged[0]
     info = json.loads((tmp_path / "w2" / "checkpoints" / "step_000006" / "checkpoint.json").read_text())
     assert info["num_workers"] == 2
+    assert not multiprocessing.active_children()  # the finished run stopped its workers
+
+    def fail(step: int, _: dict) -> None:
+        if step == 2:
+            raise RuntimeError("stopped by the test")
+
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        train(caches["train"], tmp_path / "failed", tiny_whisper, tiny_llama, STUDENT,
+              TrainConfig(**{**cfg.__dict__, "num_workers": 2}), RUNTIME, progress=fail)  # fmt: skip
+    assert not multiprocessing.active_children()  # and so did the failed one
 
     cfg = _train_cfg(steps=6, batch_size=3, checkpoint_every=3)
     straight, halted = tmp_path / "straight", tmp_path / "halted"
