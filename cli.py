@@ -896,6 +896,51 @@ def ask_command(
     out.print(f"student (hears the audio): {result['student']}")
 
 
+@app.command("ablate")
+def ablate_command(
+    cache: Annotated[Path, typer.Option("--cache", help="Training teacher cache.", show_default=False)],
+    manifest: Annotated[
+        Path, typer.Option("--manifest", help="Held-out manifest the variants are scored on.", show_default=False)
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the variants' runs and ablations.md.")],
+    eval_cache: Annotated[
+        Path | None,
+        typer.Option("--eval-cache", help="Held-out cache for each run's L_distill curve.", show_default=False),
+    ] = None,
+    config: Annotated[
+        str, typer.Option("--config", "-c", help="Preset name or YAML file the variants share.")
+    ] = "demo",
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="section.key=value override for every variant (repeatable).")
+    ] = None,
+    steps: Annotated[
+        int, typer.Option("--steps", help="Training steps per variant (shorter than the preset's).")
+    ] = 100,
+    variants: Annotated[
+        str,
+        typer.Option("--variants", help="Comma-separated: both_losses, distill_only, align_only, qformer_random, mlp."),
+    ] = "both_losses,distill_only,align_only,qformer_random,mlp",
+    limit: Annotated[int, typer.Option("--limit", help="Held-out rows scored per variant.")] = 32,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train shorter runs of one preset that differ in one choice (both losses, distillation only, alignment only,
+    a randomly initialised Q-Former, an MLP adapter) and write one table, OUT/ablations.md. Resumable: finished
+    runs and scores are reused."""
+    from diva.config import ConfigError
+    from diva.student.ablations import run_ablations
+    from diva.teacher_cache.index import CacheError
+    from diva.zoo.resolve import ModelNotFound
+
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    try:
+        path, data = run_ablations(config, cache, eval_cache, manifest, out_dir, steps, overrides or [], names, limit,
+                                   device=device, on_variant=lambda key, what: out.print(f"{key}: {what}"))  # fmt: skip
+    except (CacheError, ConfigError, ModelNotFound, ValueError) as e:
+        raise _fail(str(e)) from e
+    out.print((path).read_text())
+    out.print(f"table: {path}")
+
+
 # --- diva info -----------------------------------------------------------------------------------
 
 

@@ -179,13 +179,29 @@ def test_ask_answers_a_spoken_question_twice(run: dict, loaded) -> None:
     assert student_line.split(": ", 1)[1].strip() == expected
 
 
+def test_ablate_trains_each_variant_and_writes_one_table(run: dict, tiny_llama: Path) -> None:
+    out = run["base"] / "ablations"
+    args = ["ablate", "--cache", str(run["base"] / "data" / "cache"), "--manifest", str(run["manifest"]), "--out",
+            str(out), "-c", "tiny", "--set", f"models.whisper={run['base'] / 'whisper'}", "--set",
+            f"models.llm={tiny_llama}", "--set", "train.batch_size=2", "--set", "runtime.threads=1", "--steps", "2",
+            "--variants", "both_losses,mlp", "--limit", "3", "--device", "cpu"]  # fmt: skip
+    _invoke(args)
+    table = (out / "ablations.md").read_text().splitlines()
+    assert any(line.startswith("| both losses (DiVA) |") for line in table)
+    assert any(line.startswith("| MLP adapter (pooled frames) |") for line in table)
+    data = json.loads((out / "ablations.json").read_text())
+    assert set(data["rows"]) == {"both_losses", "mlp"} and all(r["n"] == 3 for r in data["rows"].values())
+    mlp_config = (out / "mlp" / "config.yaml").read_text()
+    assert "adapter: mlp" in mlp_config and (out / "mlp" / "checkpoints" / "step_000002").is_dir()
+
+
 def test_eval_refuses_an_unknown_system(run: dict) -> None:
     result = CliRunner().invoke(app, ["eval", "--model", str(run["dir"]), "--manifest", str(run["manifest"]),
                                       "--systems", "student,oracle"])  # fmt: skip
     assert result.exit_code == 2 and "oracle" in result.output
 
 
-@pytest.mark.parametrize("command", ["chat", "generate", "eval", "report", "ask"])
+@pytest.mark.parametrize("command", ["chat", "generate", "eval", "report", "ask", "ablate"])
 def test_help_explains_every_option(command: str) -> None:
     click_command = typer.main.get_command(app).commands[command]
     result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
