@@ -8,9 +8,9 @@
 
 `load_pretrained` also takes a `diva train` run folder: its config.yaml names the Whisper and LLM folders, the
 student config and the training cache; the latest complete checkpoint holds the trainable weights. A run folder
-does not hold the prompt itself: it is read from the training cache's index.json (the ids the student trained
-with), and the LLM is checked against the cache's teacher checksum. A run records no Whisper checksum, so for a
-run folder the Whisper weights cannot be verified (`StudentInfo.whisper_verified` says so).
+records the prompt ids it trained with (the training cache's) and both models' weight checksums in its
+config.yaml, so it loads without the cache; a run written before that recording reads the prompt from its training
+cache's index.json and cannot verify its Whisper weights (`StudentInfo.whisper_verified` says so).
 
 Only json and safetensors are read: no pickle, no remote code.
 """
@@ -142,25 +142,33 @@ def _read_run(path: Path, whisper_dir: Path | None, llm_dir: Path | None) -> tup
     checkpoints = list_checkpoints(path)
     if not checkpoints:
         raise CheckpointError(f"{path}: a run folder without a complete checkpoint (checkpoints/step_*/)")
-    try:
-        index = read_index(Path(run.cache_dir))
-    except CacheError as e:
-        raise CheckpointError(
-            f"{path}: the prompt ids are not stored in the run folder but in its training cache's index, which "
-            f"cannot be read ({e}); export the student with save_pretrained while the cache exists"
-        ) from e
+    if run.prompt and run.llm_checksum:  # the run records its prompt and checksums: the cache is not needed
+        prompt_json, llm_expected = run.prompt, run.llm_checksum
+    else:  # a run of before: its prompt and the LLM's checksum are in the training cache's index
+        try:
+            index = read_index(Path(run.cache_dir))
+        except CacheError as e:
+            raise CheckpointError(
+                f"{path}: this run (older than diva's recording of the prompt in config.yaml) keeps its prompt ids in "
+                f"its training cache's index, which cannot be read ({e}); export the student with save_pretrained "
+                "while the cache exists"
+            ) from e
+        prompt_json, llm_expected = index["prompt"], index["fingerprint"]["teacher_weights_sha256"]
     llm = Path(llm_dir or run.llm_dir)
+    whisper = Path(whisper_dir or run.whisper_dir)
     latest = checkpoints[-1]
     info = StudentInfo(
         source="run",
         path=latest,
-        whisper_dir=Path(whisper_dir or run.whisper_dir),
+        whisper_dir=whisper,
         llm_dir=llm,
-        prompt=PromptSpec.from_json(index["prompt"]),
+        prompt=PromptSpec.from_json(prompt_json),
         student_cfg=run.student,
-        llm_checksum=_check_checksum("LLM", llm, index["fingerprint"]["teacher_weights_sha256"], path),
-        whisper_checksum=None,  # a run records no Whisper checksum: not verifiable
-        whisper_verified=False,
+        llm_checksum=_check_checksum("LLM", llm, llm_expected, path),
+        whisper_checksum=_check_checksum("Whisper", whisper, run.whisper_checksum, path)
+        if run.whisper_checksum
+        else None,  # a run of before recorded none: not verifiable
+        whisper_verified=bool(run.whisper_checksum),
         step=int(json.loads((latest / "checkpoint.json").read_text())["step"]),
     )
     return info, latest / RUN_WEIGHTS

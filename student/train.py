@@ -108,6 +108,10 @@ class TrainRun:
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # What inference needs to check and rebuild the student without the cache (runs from before: read the cache)
+    whisper_checksum: str = ""  # zoo.checksum.weights_checksum of whisper_dir
+    llm_checksum: str = ""  # of llm_dir (equal to the caches' teacher_weights_sha256)
+    prompt: dict[str, Any] = field(default_factory=dict)  # the training cache's prompt (PromptSpec.to_json)
 
 
 # --- schedule and optimizer ---------------------------------------------------------------------------
@@ -508,7 +512,8 @@ def train(
             run_dir.mkdir(parents=True, exist_ok=True)
             eval_dir = str(eval_cache_dir) if eval_cache_dir else None
             run = TrainRun(str(cache_dir), [str(d) for d in cache_dirs], weights, eval_dir, str(whisper_dir),
-                           str(llm_dir), student_cfg, train_cfg, runtime)  # fmt: skip
+                           str(llm_dir), student_cfg, train_cfg, runtime, weights_checksum(Path(whisper_dir)),
+                           llm_checksum, index["prompt"])  # fmt: skip
             save_config(run, run_dir / "config.yaml", made_by="diva.student.train.train")
 
         torch.manual_seed(train_cfg.seed)  # the same initialisation on every rank (and rank 0's is broadcast)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -180,15 +181,21 @@ def test_load_a_train_run_folder(speech_dir, tiny_whisper, tiny_llama, tmp_path:
     train_cfg = TrainConfig(steps=2, batch_size=2, lr=3e-3, log_every=1, checkpoint_every=2, seed=0)
     train(tmp_path / "cache", run, tiny_whisper, tiny_llama, CFG, train_cfg, RuntimeConfig(device="cpu", threads=1))
 
+    from diva.teacher_cache.index import read_index
+    from diva.zoo.tiny import build_tiny_llama, build_tiny_whisper
+
+    prompt = read_index(tmp_path / "cache")["prompt"]
+    shutil.rmtree(tmp_path / "cache")  # the run records its prompt and checksums: the cache is not needed
     student, info = load_pretrained(run)
-    assert info.source == "run" and info.step == 2 and not info.whisper_verified
-    assert info.prompt.prefix_ids == tuple(student.prefix_ids.tolist()) and info.student_cfg == CFG
+    assert info.source == "run" and info.step == 2 and info.whisper_verified
+    assert info.prompt.prefix_ids == tuple(prompt["prefix_ids"]) == tuple(student.prefix_ids.tolist())
+    assert info.prompt.suffix_ids == tuple(prompt["suffix_ids"]) and info.student_cfg == CFG
     weights = load_file(str(run / "checkpoints" / "step_000002" / "trainable.safetensors"))
     assert all(torch.equal(v, weights[k]) for k, v in student.trainable_state_dict().items())
-    with pytest.raises(CheckpointError, match="checksum"):
-        from diva.zoo.tiny import build_tiny_llama
-
+    with pytest.raises(CheckpointError, match="LLM whose weights checksum"):
         load_pretrained(run, llm_dir=build_tiny_llama(tmp_path / "other", chat_format="chatml", seed=1))
+    with pytest.raises(CheckpointError, match="Whisper whose weights checksum"):
+        load_pretrained(run, whisper_dir=build_tiny_whisper(tmp_path / "other-whisper", seed=1))
 
 
 def test_streamed_pieces_add_up_to_generate(loaded, clips) -> None:
