@@ -25,7 +25,7 @@ REAL_CLIPS   = awk -F'\t' -v d=$(abspath $(SPEECH)) 'BEGIN {print "file\ttranscr
   NR > 1 && $$3 == "en" && $$2 != "" {row = d "/" $$1 "\t" $$2; if ($$1 ~ /^fsdd\//) digits = digits row "\n"; else print row} \
   END {printf "%s", digits}' $(SPEECH)/transcripts.tsv
 
-.PHONY: help install install-vllm system-deps models tiny demo ablations cache test lint clean
+.PHONY: help install install-vllm system-deps models tiny demo ablations cache test lint clean bench
 
 help:
 	@echo "make demo          the whole pipeline on the embedded default models (installs first)"
@@ -36,6 +36,7 @@ help:
 	@echo "make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]  build a teacher cache"
 	@echo "make ablations     after make demo: shorter demo runs varying one choice each, one table"
 	@echo "make lint          ruff"
+	@echo "make bench [BENCH_ARGS=--quick]  the benchmarks (needs make demo's outputs) -> bench/results/SUMMARY.md"
 
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/models.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { \
@@ -120,6 +121,17 @@ cache: install
 
 test: install install-vllm
 	$(BIN)/python -m pytest
+
+# The benchmarks in bench/ (each writes bench/results/<name>.json and .md), then one SUMMARY.md table. They read
+# make demo's outputs under runs/demo; vllm is measured when `make install-vllm` has been run.
+BENCHMARKS := teacher_throughput cache_size shard_write train_cost input_pipeline ttft
+BENCH_ARGS ?=
+
+bench: $(STAMP)
+	@test -f runs/demo/cache/dev/index.json || { echo "error: make bench reads make demo's caches (runs/demo/cache); run make demo first"; exit 1; }
+	@start=$$(date +%s); for b in $(BENCHMARKS); do \
+	  echo "== bench/$$b.py $(BENCH_ARGS)"; $(BIN)/python bench/$$b.py $(BENCH_ARGS) || exit 1; done; \
+	$(BIN)/python bench/summary.py --note "make bench $(BENCH_ARGS): $$(( $$(date +%s) - start )) s wall, load average $$(cut -d' ' -f1-3 /proc/loadavg) at the end"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
