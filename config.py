@@ -176,6 +176,13 @@ class TrainConfig:
     eps: float = doc("AdamW epsilon.", default=1e-8)
     grad_clip: float = doc("Clip the global gradient norm to this (0: no clipping; the norm is logged).", default=1.0)
     seed: int = doc("Seed of the student's initialisation and of the data order (seed, epoch).", default=0)
+    shuffle_shards: int = doc(
+        "Shards read together and shuffled as one pool (a window of the epoch's shard order): rows of neighbouring "
+        "shards mix within batches, so a cache of a sorted corpus (speaker by speaker, chapter by chapter) does not "
+        "give batches of near-identical rows. Holds this many shards in memory (per DataLoader worker). 1: shuffle "
+        "within each shard only.",
+        default=4,
+    )
     log_every: int = doc("Write training metrics every this many steps.", default=10)
     eval_every: int = doc("Evaluate on the held-out cache every this many steps (0: only at the end).", default=0)
     eval_batches: int = doc("Held-out batches per evaluation (0: the whole held-out cache).", default=0)
@@ -211,7 +218,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "shuffle_shards"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "num_workers"):

@@ -1,6 +1,6 @@
 """Cache samples -> training batches, in an order that is a pure function of (seed, epoch).
 
-    tar shards --(seeded shard permutation, seeded in-shard shuffle)--> decoded samples
+    tar shards --(seeded shard permutation, seeded shuffle within each window of `shuffle_shards` shards)--> samples
                --(group by batch_size)--> audio bytes -> 16 kHz waveforms -> log-mel   [DataLoader workers]
                --> frozen encoder                                                       [main process]
                --> Batch(encoder_out (B, T_enc, d_w), lengths (B,), h_t (B, d), targets [(N_b, d)])
@@ -130,37 +130,58 @@ def read_shard(path: Path, dtype: str) -> list[dict[str, Any]]:
     return [decode_sample(s, dtype) for s in pipeline]
 
 
+WINDOW_KEY = 0x77696E  # "win": keeps the pooled windows' generators apart from the per-shard ones
+
+
+def windows_of(order: list[int], window: int) -> list[list[int]]:
+    """The epoch's shard order cut into consecutive windows of `window` shards (the last one may be shorter)."""
+    return [order[i : i + window] for i in range(0, len(order), window)]
+
+
 def epoch_samples(
-    cache_dir: Path, seed: int, epoch: int, skip: int = 0, shuffle: bool = True
+    cache_dir: Path, seed: int, epoch: int, skip: int = 0, shuffle: bool = True, window: int = 1
 ) -> Iterator[dict[str, Any]]:
-    """The samples of one epoch in their (seed, epoch) order, the first `skip` of them left out unread."""
+    """The samples of one epoch in their (seed, epoch) order, the first `skip` of them left out unread.
+
+    `window` > 1 reads that many consecutive shards of the epoch's shard order together and shuffles their rows
+    as one pool (seeded by seed, epoch and the window's place), so rows of neighbouring shards mix within
+    batches: a corpus stored sorted (one speaker, one chapter, one sentence after another) would otherwise give
+    batches of near-identical rows. It holds `window` shards in memory. `window` 1 is the plain in-shard shuffle."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1 shard, got {window}")
     index = read_index(cache_dir)
     dtype = index["fingerprint"]["dtype"]
     paths = shard_paths(cache_dir, "tar")
     rows = [s["rows"] for s in index["shards"]]
-    for k in shard_order(len(paths), seed, epoch, shuffle):
-        if skip >= rows[k]:  # the whole shard was consumed: do not even open it
-            skip -= rows[k]
+    for w, shards in enumerate(windows_of(shard_order(len(paths), seed, epoch, shuffle), window)):
+        size = sum(rows[k] for k in shards)
+        if skip >= size:  # the whole window was consumed: do not even open its shards
+            skip -= size
             continue
-        samples = read_shard(paths[k], dtype)
-        if len(samples) != rows[k]:
-            raise ValueError(f"{paths[k]} holds {len(samples)} samples but the index says {rows[k]}; verify the cache")
-        order = row_order(rows[k], seed, epoch, k, shuffle)
-        for row in order[skip:]:
-            yield samples[row]
+        samples: list[dict[str, Any]] = []
+        for k in shards:
+            shard = read_shard(paths[k], dtype)
+            if len(shard) != rows[k]:
+                raise ValueError(
+                    f"{paths[k]} holds {len(shard)} samples but the index says {rows[k]}; verify the cache"
+                )
+            samples += shard if window > 1 else [shard[r] for r in row_order(rows[k], seed, epoch, k, shuffle)]
+        if window > 1 and shuffle:
+            samples = [samples[r] for r in _rng(seed, epoch, WINDOW_KEY, w).permutation(len(samples))]
+        yield from samples[skip:]
         skip = 0
 
 
 def sample_stream(
-    cache_dir: Path, seed: int, start: DataPosition = DataPosition(), shuffle: bool = True
+    cache_dir: Path, seed: int, start: DataPosition = DataPosition(), shuffle: bool = True, window: int = 1
 ) -> Iterator[tuple[dict[str, Any], DataPosition]]:
-    """Endless (sample, position after it) pairs from `start`, epoch after epoch."""
+    """Endless (sample, position after it) pairs from `start`, epoch after epoch (`window`: see epoch_samples)."""
     total = read_index(cache_dir)["rows"]
     if total == 0:
         raise ValueError(f"{cache_dir} holds no rows to train on")
     epoch, consumed = start.epoch, start.consumed
     while True:
-        for sample in epoch_samples(cache_dir, seed, epoch, skip=consumed, shuffle=shuffle):
+        for sample in epoch_samples(cache_dir, seed, epoch, skip=consumed, shuffle=shuffle, window=window):
             consumed += 1
             yield sample, DataPosition(epoch, consumed) if consumed < total else DataPosition(epoch + 1, 0)
         epoch, consumed = epoch + 1, 0
@@ -178,7 +199,11 @@ def mix_choice(weights: Sequence[float], seed: int, draw: int) -> int:
 
 
 def mixed_stream(
-    cache_dirs: Sequence[Path], weights: Sequence[float], seed: int, start: MixPosition | None = None
+    cache_dirs: Sequence[Path],
+    weights: Sequence[float],
+    seed: int,
+    start: MixPosition | None = None,
+    window: int = 1,
 ) -> Iterator[tuple[dict[str, Any], MixPosition]]:
     """Endless (sample, position after it) pairs drawn from several caches by weight, from `start`."""
     if len(cache_dirs) != len(weights) or not cache_dirs:
@@ -188,7 +213,7 @@ def mixed_stream(
     start = start or MixPosition(tuple(DataPosition() for _ in cache_dirs))
     if len(start.caches) != len(cache_dirs):
         raise ValueError(f"the data position holds {len(start.caches)} cache(s) but {len(cache_dirs)} were given")
-    streams = [sample_stream(Path(d), seed, p) for d, p in zip(cache_dirs, start.caches, strict=True)]
+    streams = [sample_stream(Path(d), seed, p, window=window) for d, p in zip(cache_dirs, start.caches, strict=True)]
     positions, draws = list(start.caches), start.draws
     while True:
         i = 0 if len(streams) == 1 else mix_choice(weights, seed, draws)
@@ -382,8 +407,10 @@ class TrainBatches(torch.utils.data.IterableDataset):
         reuse: bool,
         rank: int = 0,
         world_size: int = 1,
+        window: int = 1,
     ) -> None:
         super().__init__()
+        self.window = window
         self.cache_dirs, self.weights, self.seed, self.start = [Path(d) for d in cache_dirs], list(weights), seed, start
         self.batch_size, self.feature_extractor, self.trim, self.reuse = batch_size, feature_extractor, trim, reuse
         self.rank, self.world_size = rank, world_size
@@ -391,7 +418,7 @@ class TrainBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[Prepared, MixPosition]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        mixed = mixed_stream(self.cache_dirs, self.weights, self.seed, self.start)
+        mixed = mixed_stream(self.cache_dirs, self.weights, self.seed, self.start, self.window)
         stream = batched(rank_stream(mixed, self.rank, self.world_size), self.batch_size)
         seen: set[str] = set()
         for k, (group, position) in enumerate(stream):

@@ -539,7 +539,8 @@ def train(
         encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, reuse)
         teacher = open_online_teacher(Path(llm_dir), prompt, runtime, device) if train_cfg.teacher == "online" else None
         source = TrainBatches(cache_dirs, weights, train_cfg.seed, position, train_cfg.batch_size, feature_extractor,
-                              student_cfg.trim_mel, reuse, layout.rank, layout.world_size)  # fmt: skip
+                              student_cfg.trim_mel, reuse, layout.rank, layout.world_size,
+                              train_cfg.shuffle_shards)  # fmt: skip
         loader = TrainLoader(source, train_cfg.num_workers)  # decode + log-mel, in workers when num_workers > 0
         consumed_ids: list[str] = []  # kept for the DIVA_DEBUG_RANK_DIR test hook only
         batches = ((make_batch(prepared, encoder, teacher), pos) for prepared, pos in loader)

@@ -111,6 +111,28 @@ def test_data_order_is_a_function_of_seed_and_epoch(caches: dict[str, Path]) -> 
     assert full[19][1] == DataPosition(2, 0)
 
 
+def test_shard_windows_mix_neighbouring_shards_and_resume_exactly(caches: dict[str, Path]) -> None:
+    """The train cache stores 4 rows per shard; a window of 3 shards pools 12 rows, so a batch can hold rows of
+    several shards, the epoch still holds every row once, and a stream resumed mid-window continues exactly."""
+    from diva.student.data import read_shard, shard_order, windows_of
+    from diva.teacher_cache.read import shard_paths
+
+    paths = shard_paths(caches["train"], "tar")
+    shard_of = {s["id"]: k for k, p in enumerate(paths) for s in read_shard(p, "float32")}
+    plain = [s["id"] for s in epoch_samples(caches["train"], seed=3, epoch=1)]
+    pooled = [s["id"] for s in epoch_samples(caches["train"], seed=3, epoch=1, window=3)]
+    assert sorted(pooled) == sorted(plain) and pooled != plain
+    assert [s["id"] for s in epoch_samples(caches["train"], seed=3, epoch=1, window=1)] == plain
+    first_window = windows_of(shard_order(len(paths), 3, 1), 3)[0]
+    assert {shard_of[i] for i in pooled[:12]} == set(first_window)  # the window's 12 rows, pooled
+    assert len({shard_of[i] for i in pooled[:4]}) > 1  # a batch of 4 spans shards
+    stream = sample_stream(caches["train"], seed=3, start=DataPosition(1, 0), window=3)
+    full = [next(stream) for _ in range(25)]
+    resumed = sample_stream(caches["train"], seed=3, start=full[6][1], window=3)
+    assert [s["id"] for s, _ in full[7:]] == [next(resumed)[0]["id"] for _ in range(18)]
+    assert [s["id"] for s, _ in full[:20]] == pooled
+
+
 def test_lr_schedule() -> None:
     steps = 100
     factors = [lr_factor(s, steps, 0.05, 0.1) for s in range(steps)]
@@ -289,7 +311,8 @@ def test_torchrun_two_ranks_see_disjoint_data_and_end_equal(caches, tiny_whisper
     assert done.stdout.count("trained 5 steps") == 1  # rank 1 stays quiet
 
     saved = load_config(run / "config.yaml", cls=TrainRun)
-    order = [s["id"] for s in epoch_samples(caches["train"], seed=saved.train.seed, epoch=0)]
+    window = saved.train.shuffle_shards
+    order = [s["id"] for s in epoch_samples(caches["train"], seed=saved.train.seed, epoch=0, window=window)]
     ids = [json.loads((debug / f"rank{r}_ids.json").read_text()) for r in range(2)]
     assert ids[0] == order[0::2] and ids[1] == order[1::2]
     assert not set(ids[0]) & set(ids[1]) and sorted(ids[0] + ids[1]) == sorted(order)
@@ -312,7 +335,7 @@ def test_torchrun_two_ranks_see_disjoint_data_and_end_equal(caches, tiny_whisper
     env["DIVA_DEBUG_RANK_DIR"] = str(tmp_path / "debug-resumed")
     done = subprocess.run(resumed, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    order = [s["id"] for s in epoch_samples(caches["train"], seed=saved.train.seed, epoch=1)]
+    order = [s["id"] for s in epoch_samples(caches["train"], seed=saved.train.seed, epoch=1, window=window)]
     for r in range(2):
         assert json.loads((tmp_path / "debug-resumed" / f"rank{r}_ids.json").read_text()) == order[r::2][:4]
     assert [r["step"] for r in _records(run)] == list(range(1, 8))
