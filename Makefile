@@ -131,7 +131,7 @@ bench: $(STAMP)
 	@test -f runs/demo/cache/dev/index.json || { echo "error: make bench reads make demo's caches (runs/demo/cache); run make demo first"; exit 1; }
 	@start=$$(date +%s); for b in $(BENCHMARKS); do \
 	  echo "== bench/$$b.py $(BENCH_ARGS)"; $(BIN)/python bench/$$b.py $(BENCH_ARGS) || exit 1; done; \
-	$(BIN)/python bench/summary.py --note "make bench $(BENCH_ARGS): $$(( $$(date +%s) - start )) s wall, load average $$(cut -d' ' -f1-3 /proc/loadavg) at the end"
+	$(BIN)/python bench/summary.py --note "make bench$(if $(BENCH_ARGS), $(BENCH_ARGS)): $$(( $$(date +%s) - start )) s wall, load average $$(cut -d' ' -f1-3 /proc/loadavg) at the end"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,7 +27,8 @@ def main() -> None:
             without.append(name)
             continue
         m = report.get("machine", {})
-        machines.add(f"{m.get('cpu_capability', '?')} CPU, {m.get('cpus', '?')} cores, torch {m.get('torch', '?')}")
+        cores = m.get("cpus") or m.get("threads", "?")  # train_cost.json records torch's threads only
+        machines.add(f"{m.get('cpu_capability', '?')} CPU, {cores} cores, torch {m.get('torch', '?')}")
         for h in report["summary"]:
             ratio = "-" if h["ratio"] is None else h["ratio"]
             rows.append([f"{h['benchmark']} ([{name}]({name}.md))", h["measured"], h["reference"], ratio])
