@@ -6,6 +6,7 @@ The session-scoped `smollm2` fixture (the Path of the converted folder) comes fr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,8 @@ def test_greedy_answer_names_paris_and_stops_at_end_of_turn(smollm2: Path) -> No
 def test_folder_is_plain_transformers_with_chat_template(smollm2: Path) -> None:
     assert not list(smollm2.rglob("*.gguf"))
     assert (smollm2 / "model.safetensors").is_file()
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in config  # dequantized weights; vLLM refuses a folder that says "gguf"
     model = AutoModelForCausalLM.from_pretrained(smollm2)
     assert isinstance(model, LlamaForCausalLM)
     assert model.dtype == torch.float32

@@ -28,6 +28,9 @@ from diva import __version__
 from diva.paths import models_dir
 
 SOURCE_RECORD = "diva_source.json"
+# Bumped when a conversion's output changes; folders of an older format are converted again.
+# 2: the SmolLM2 folder's config.json no longer keeps the GGUF quantization_config (vLLM refused the folder).
+CONVERSION_FORMAT = 2
 
 
 class ModelSourceMissing(RuntimeError):
@@ -146,7 +149,7 @@ def read_source_record(folder: Path) -> dict | None:
 def is_complete(folder: Path, verify_checksums: bool = False) -> bool:
     """A finished fetch: the record exists and every recorded file has its size (and hash, if asked)."""
     record = read_source_record(folder)
-    if record is None or "files" not in record:
+    if record is None or "files" not in record or record.get("format", 1) < CONVERSION_FORMAT:
         return False
     for rel, facts in record["files"].items():
         path = folder / rel
@@ -167,6 +170,7 @@ def _record(model: EmbeddedModel, source: Path, out_dir: Path, seconds: float) -
         "licence": model.licence,
         "source_files": {p.name: sha256_file(p) for p in source_files},
         "converted_by": f"diva {__version__}",
+        "format": CONVERSION_FORMAT,
         "conversion_seconds": round(seconds, 1),
         "files": {
             str(p.relative_to(out_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}

@@ -125,6 +125,8 @@ def _load_plain_model(gguf_file: Path, model_class: type[PreTrainedModel], dtype
         )
     config = loaded.config
     config.dtype = dtype
+    if hasattr(config, "quantization_config"):  # the weights are dequantized: a kept "gguf" entry makes vLLM refuse
+        del config.quantization_config
     model = model_class(config).to(dtype)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
