@@ -20,6 +20,8 @@ CONFIG   ?= demo
 # The demo's report also scores real recordings when this folder (the project's shared clips) is there: the English
 # rows with a transcript, sentences first, then the spoken digits. REPORT_ROWS: rows scored per set.
 SPEECH      ?= ../shared/data/speech
+# DEMO_STEPS: the training budget in steps (default: the preset's train.steps, ~15 min on a slow 2-core CPU).
+DEMO_STEPS  ?=
 REPORT_ROWS ?= 32
 REAL_CLIPS   = awk -F'\t' -v d=$(abspath $(SPEECH)) 'BEGIN {print "file\ttranscript"} \
   NR > 1 && $$3 == "en" && $$2 != "" {row = d "/" $$1 "\t" $$2; if ($$1 ~ /^fsdd\//) digits = digits row "\n"; else print row} \
@@ -91,7 +93,7 @@ demo: models
 	  $(BIN)/diva cache build $(DEMO_DIR)/manifests/$$split -o $(DEMO_DIR)/cache/$$split -c $(CONFIG) || exit 1; done
 	@echo "== 4/6 student training (train.steps of the $(CONFIG) preset; held-out eval on dev) -> $(DEMO_DIR)/run"
 	$(BIN)/diva train --cache $(DEMO_DIR)/cache/train --eval-cache $(DEMO_DIR)/cache/dev --out $(DEMO_DIR)/run \
-	  -c $(CONFIG) --resume
+	  -c $(CONFIG) --resume $(if $(DEMO_STEPS),--set train.steps=$(DEMO_STEPS))
 	@echo "== 5/6 report: student vs untrained floor, audio-blind control and Whisper->teacher cascade -> $(DEMO_DIR)/run/report.md"
 	@if [ -f $(SPEECH)/transcripts.tsv ]; then \
 	  mkdir -p $(DEMO_DIR)/real && $(REAL_CLIPS) > $(DEMO_DIR)/real/clips.tsv && \
