@@ -812,6 +812,24 @@ def eval_command(
         out.print(f"report: {report_json}")
 
 
+@app.command("export")
+def export_command(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (replaced if it exists).")],
+    model: ModelOpt = None,
+) -> None:
+    """Save a trained student as a self-describing folder (config.json naming the base Whisper and LLM with their
+    weight checksums and the prompt ids, model.safetensors with the trained weights), loadable without the run
+    or its cache: `diva chat --model OUT_DIR`."""
+    from diva.student.checkpoint import CheckpointError, export_pretrained
+
+    try:
+        path, info = export_pretrained(_model_dir(model), out_dir)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise _fail(str(e)) from e
+    step = f" (step {info.step})" if info.step is not None else ""
+    out.print(f"exported {info.path}{step} -> {path}")
+
+
 @app.command("report")
 def report_command(
     held_out: Annotated[

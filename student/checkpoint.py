@@ -211,6 +211,13 @@ def load_pretrained(
     return student.to(device).eval(), info
 
 
+def export_pretrained(model_dir: str | Path, out_dir: str | Path) -> tuple[Path, StudentInfo]:
+    """A `diva train` run folder (its latest checkpoint) or a saved student -> a save_pretrained folder: the
+    weights are verified against the recorded checksums on the way (`load_pretrained`)."""
+    student, info = load_pretrained(model_dir)
+    return save_pretrained(student, out_dir, info.whisper_dir, info.llm_dir, info.prompt, info.student_cfg), info
+
+
 def load_processors(info: StudentInfo) -> tuple[Any, Any]:
     """The LLM's tokenizer and Whisper's feature extractor for a loaded student (what `generate` needs)."""
     from transformers import AutoTokenizer, WhisperFeatureExtractor

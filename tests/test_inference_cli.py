@@ -113,6 +113,14 @@ def test_chat_streams_the_generate_answer_from_a_file_and_stdin(run: dict, loade
     assert instructed.stdout == expected + "\n"
 
 
+def test_export_gives_a_folder_that_answers_the_same(run: dict, tmp_path: Path) -> None:
+    exported = tmp_path / "student"
+    _invoke(["export", "--model", str(run["dir"]), "-o", str(exported)])
+    assert {p.name for p in exported.iterdir()} == {"config.json", "model.safetensors"}
+    ask = ["chat", str(run["clip"]), "--max-new-tokens", str(MAX_NEW), "--device", "cpu"]
+    assert _invoke([*ask, "--model", str(exported)]).stdout == _invoke([*ask, "--model", str(run["dir"])]).stdout
+
+
 def test_chat_reports_unreadable_audio(run: dict, tmp_path: Path) -> None:
     bad = tmp_path / "x.wav"
     bad.write_text("nope")
@@ -201,7 +209,7 @@ def test_eval_refuses_an_unknown_system(run: dict) -> None:
     assert result.exit_code == 2 and "oracle" in result.output
 
 
-@pytest.mark.parametrize("command", ["chat", "generate", "eval", "report", "ask", "ablate"])
+@pytest.mark.parametrize("command", ["chat", "generate", "eval", "report", "ask", "ablate", "export"])
 def test_help_explains_every_option(command: str) -> None:
     click_command = typer.main.get_command(app).commands[command]
     result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
