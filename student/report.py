@@ -38,13 +38,13 @@ def run_step(run_dir: Path) -> int | None:
     return int(json.loads((checkpoints[-1] / "checkpoint.json").read_text())["step"]) if checkpoints else None
 
 
-def compare(systems: dict[str, dict[str, float]], a: str, b: str) -> dict[str, bool]:
-    """Per metric: whether system `a` is strictly better than system `b`."""
-    better = {}
+def compare(systems: dict[str, dict[str, float]], a: str, b: str) -> dict[str, str]:
+    """Per metric: "better", "tie" or "worse" for system `a` against system `b` (a tie is not better)."""
+    result = {}
     for key, higher in HIGHER_IS_BETTER.items():
         x, y = systems[a][key], systems[b][key]
-        better[key] = x > y if higher else x < y
-    return better
+        result[key] = "tie" if x == y else "better" if (x > y) == higher else "worse"
+    return result
 
 
 def gap_closed(systems: dict[str, dict[str, float]], key: str) -> float | None:
@@ -61,8 +61,8 @@ def verdicts(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ref in ("floor", "blind"):
         if "student" in systems and ref in systems:
-            better = compare(systems, "student", ref)
-            out[f"beats_{ref}"] = {"all": all(better.values()), "per_metric": better}
+            per_metric = compare(systems, "student", ref)
+            out[f"beats_{ref}"] = {"all": all(v == "better" for v in per_metric.values()), "per_metric": per_metric}
     out["gap_closed"] = {k: gap_closed(systems, k) for k in ("cosine", "top1_agree", "kl", "identical")}
     return out
 
@@ -137,8 +137,24 @@ def render_report(report: dict[str, Any]) -> str:
         v = result["verdicts"]
         for ref in ("floor", "blind"):
             if f"beats_{ref}" in v:
-                worse = [k for k, ok in v[f"beats_{ref}"]["per_metric"].items() if not ok]
-                said = "yes, on every metric" if not worse else f"NO: not on {', '.join(worse)}"
+                per_metric = v[f"beats_{ref}"]["per_metric"]
+                worse = [k for k, r in per_metric.items() if r == "worse"]
+                ties = [k for k, r in per_metric.items() if r == "tie"]
+                said = (
+                    "yes, on every metric"
+                    if not worse + ties
+                    else (
+                        "NO: "
+                        + "; ".join(
+                            part
+                            for part in (
+                                f"worse on {', '.join(worse)}" if worse else "",
+                                f"tied on {', '.join(ties)}" if ties else "",
+                            )
+                            if part
+                        )
+                    )
+                )
                 lines.append(f"- student better than {ref}: {said}")
         gaps = v["gap_closed"]
         if any(g is not None for g in gaps.values()):

@@ -227,3 +227,18 @@ def test_answer_scores_count_identical_answers_and_shared_prefixes() -> None:
     teacher = [[1, 2, 3, 9], [4, 9], [7, 8]]
     scores = answer_scores([[1, 2, 3, 9], [4, 5, 9], [6]], teacher)
     assert scores == {"identical": 1.0, "prefix_tokens": 5.0, "prefix_frac": pytest.approx(1.0 + 0.5 + 0.0)}
+
+
+def test_verdicts_tell_better_tied_and_worse_apart() -> None:
+    from diva.student.report import verdicts
+
+    def metrics(cosine, top1, kl, identical):
+        return {"cosine": cosine, "top1_agree": top1, "kl": kl, "identical": identical, "prefix_tokens": top1,
+                "prefix_frac": top1}  # fmt: skip
+
+    systems = {"student": metrics(0.9, 0.5, 0.5, 0.0), "blind": metrics(0.8, 0.6, 0.7, 0.0),
+               "floor": metrics(0.7, 0.1, 1.5, 0.0), "cascade": metrics(1.0, 0.9, 0.1, 0.5)}  # fmt: skip
+    v = verdicts({"systems": systems})
+    assert v["beats_blind"]["per_metric"]["kl"] == "better" and v["beats_blind"]["per_metric"]["top1_agree"] == "worse"
+    assert v["beats_floor"]["per_metric"]["identical"] == "tie" and not v["beats_floor"]["all"]
+    assert v["gap_closed"]["cosine"] == pytest.approx(2 / 3) and v["gap_closed"]["kl"] == pytest.approx(1 / 1.4)
