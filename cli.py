@@ -83,6 +83,7 @@ def main(
     if not verbose:  # transformers' own per-load progress bars and advice drown diva's progress display
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' "Loading weights" / GGUF bars (diva uses rich)
 
 
 # --- diva models ---------------------------------------------------------------------------------
