@@ -618,6 +618,11 @@ def train_command(
             raise _fail(str(e)) from e
     if not main:
         return
+    if result.get("finished_before"):
+        out.print(
+            f"{out_dir}: already trained {result['steps']} steps (nothing to do); checkpoint: {result['checkpoint']}"
+        )
+        return
     out.print(
         f"trained {result['steps']} steps; checkpoint: {result['checkpoint']}; metrics: {out_dir / 'metrics.jsonl'}"
     )

@@ -490,6 +490,12 @@ def train(
     checkpoints = list_checkpoints(run_dir)
     if checkpoints and not resume:
         raise FileExistsError(f"{run_dir} already holds checkpoints; pass resume=True or choose another run_dir")
+    if checkpoints:
+        info = json.loads((checkpoints[-1] / INFO_FILE).read_text())
+        if info["step"] >= train_cfg.steps:  # a finished run: nothing to load, nothing to train
+            return {"steps": info["step"], "resumed_from": info["step"], "train": {}, "eval": {},
+                    "checkpoint": str(checkpoints[-1]), "position": info["position"], "rank": 0,
+                    "world_size": info.get("world_size", 1), "finished_before": True}  # fmt: skip
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     layout, device = distributed.setup(resolve_device(runtime.device))

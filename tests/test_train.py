@@ -269,6 +269,10 @@ def test_cli_train_runs_end_to_end(caches, tiny_whisper, tiny_llama, tmp_path: P
     assert (run / "checkpoints" / "step_000004" / "trainable.safetensors").is_file()
     again = CliRunner().invoke(app, args)  # a finished run is not overwritten without --resume
     assert again.exit_code == 2 and "resume" in again.output
+    metrics = (run / "metrics.jsonl").read_text()
+    done = CliRunner().invoke(app, [*args, "--resume"])  # with --resume a finished run has nothing to do
+    assert done.exit_code == 0 and "already trained 4 steps (nothing to do)" in done.output, done.output
+    assert (run / "metrics.jsonl").read_text() == metrics
 
 
 def test_rank_stream_splits_the_order_in_lockstep(caches: dict[str, Path]) -> None:
