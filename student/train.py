@@ -492,9 +492,13 @@ def train(
         raise FileExistsError(f"{run_dir} already holds checkpoints; pass resume=True or choose another run_dir")
     if checkpoints:
         info = json.loads((checkpoints[-1] / INFO_FILE).read_text())
-        if info["step"] >= train_cfg.steps:  # a finished run: nothing to load, nothing to train
+        job = distributed.from_env()
+        same_layout = info.get("world_size", 1) == job.world_size and len(
+            MixPosition.from_dict(info["position"]).caches
+        ) == len(cache_dirs)  # otherwise the full path refuses the resume, saying why
+        if info["step"] >= train_cfg.steps and same_layout:  # a finished run: nothing to load, nothing to train
             return {"steps": info["step"], "resumed_from": info["step"], "train": {}, "eval": {},
-                    "checkpoint": str(checkpoints[-1]), "position": info["position"], "rank": 0,
+                    "checkpoint": str(checkpoints[-1]), "position": info["position"], "rank": job.rank,
                     "world_size": info.get("world_size", 1), "finished_before": True}  # fmt: skip
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
