@@ -53,10 +53,9 @@ def render_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def last_eval_distill(run_dir: Path) -> float | None:
     """The held-out L_distill of the run's last evaluation on its eval cache (metrics.jsonl), if any."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    evals = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("split") == "eval"]
+    from diva.student.report import read_curves
+
+    _, evals = read_curves(run_dir)
     return evals[-1]["distill"] if evals else None
 
 
@@ -75,7 +74,7 @@ def run_ablations(
     on_variant: Callable[[str, str], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Train and score every variant (see the module docstring); returns OUT/ablations.md and the table's data."""
-    from diva.config import load_config, save_config
+    from diva.config import load_config
     from diva.student.report import build_report
     from diva.student.train import train
     from diva.zoo.resolve import resolve_model
@@ -92,7 +91,6 @@ def run_ablations(
             on_variant(key, "train")
         whisper, llm = resolve_model(cfg.models.whisper), resolve_model(cfg.models.llm)
         train(train_cache, run_dir, whisper, llm, cfg.student, cfg.train, cfg.runtime, eval_cache, resume=True)
-        save_config(cfg, run_dir / "preset.yaml", made_by=f"diva.student.ablations ({key})")
         if on_variant:
             on_variant(key, "score")
         _, report, _ = build_report(run_dir, {"held-out": manifest}, limit, max_new_tokens=max_new_tokens,
