@@ -15,6 +15,7 @@ transformers decoder-only LLM whose backbone (`get_decoder()`) returns the final
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,10 @@ class QFormer(nn.Module):
             )
         return self.layer_norm(x)  # (B, Q, d_w)
 
+    def output_rms(self, encoder_rms: float) -> float:
+        """The RMS of the outputs, estimated from the final LayerNorm's parameters (projection_init)."""
+        return layer_norm_rms(self.layer_norm)
+
 
 def pooling_weights(lengths: torch.Tensor, width: int, num_windows: int) -> torch.Tensor:
     """(B, Q, width) averaging weights: window q of item b covers frames [q L_b / Q, (q + 1) L_b / Q) rounded
@@ -225,6 +230,39 @@ class MLPAdapter(nn.Module):
         weights = pooling_weights(encoder_lengths.to(encoder_out.device), width, self.num_queries)  # (B, Q, T_enc)
         pooled = weights.to(encoder_out.dtype) @ encoder_out  # (B, Q, d_w)
         return F.gelu(self.fc(pooled))  # (B, Q, d_w)
+
+    def output_rms(self, encoder_rms: float) -> float:
+        """The RMS of the outputs for encoder frames of RMS `encoder_rms` (pooling keeps it, roughly): the fc's
+        pre-activations have std encoder_rms x sqrt(d) x std(fc.weight); GELU of that Gaussian."""
+        weight = self.fc.weight.detach().double()
+        return gelu_rms(encoder_rms * math.sqrt(weight.shape[1]) * float(weight.std()))
+
+
+def layer_norm_rms(norm: nn.LayerNorm) -> float:
+    """RMS of a LayerNorm's outputs from its parameters: gamma z + beta, z zero-mean and unit-variance per
+    coordinate, has mean square mean(gamma^2) + mean(beta^2)."""
+    square = 1.0 if norm.weight is None else float(norm.weight.detach().double().pow(2).mean())
+    if norm.bias is not None:
+        square += float(norm.bias.detach().double().pow(2).mean())
+    return math.sqrt(square)
+
+
+def gelu_rms(std: float) -> float:
+    """RMS of GELU(z) for z ~ N(0, std^2) (trapezoid quadrature over +-10 standard deviations)."""
+    z = torch.linspace(-10.0, 10.0, 4001, dtype=torch.float64)
+    density = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+    return math.sqrt(float(torch.trapezoid(F.gelu(z * std) ** 2 * density, z)))
+
+
+@torch.no_grad()
+def init_projection_to_embeddings(projection: nn.Linear, embeddings: torch.Tensor, input_rms: float) -> None:
+    """student.projection_init = embeddings: bias = the embedding table's mean row; weights N(0, s^2) with
+    s = spread / (input_rms sqrt(d_in)), spread = the RMS of the table's per-coordinate standard deviations, so
+    for inputs of RMS `input_rms` each output coordinate varies like a column of the table around its mean."""
+    table = embeddings.detach().double()  # (V, d_llm)
+    spread = math.sqrt(float(table.var(dim=0).mean()))
+    nn.init.normal_(projection.weight, mean=0.0, std=spread / (input_rms * math.sqrt(projection.in_features)))
+    projection.bias.copy_(table.mean(dim=0).to(projection.bias.dtype))
 
 
 def build_adapter(kind: str, decoder: nn.Module, num_queries: int) -> nn.Module:
@@ -316,6 +354,11 @@ class DiVAStudent(nn.Module):
         llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
         d_llm = int(llm.config.get_text_config().hidden_size)
         projection = nn.Linear(whisper.config.d_model, d_llm, bias=True)
+        if cfg.projection_init == "embeddings":
+            encoder_rms = layer_norm_rms(whisper.get_encoder().layer_norm)
+            init_projection_to_embeddings(
+                projection, llm.get_input_embeddings().weight, adapter.output_rms(encoder_rms)
+            )
         return cls(
             encoder,
             adapter,

@@ -106,6 +106,34 @@ def test_mlp_adapter_trains_only_its_linear_and_the_projection(
     assert out.audio_tokens.shape == (2, Q, d_llm)
 
 
+@pytest.mark.parametrize("adapter", ["qformer", "mlp"])
+def test_projection_init_embeddings_gives_tokens_like_the_llms_embeddings(
+    tiny_whisper, tiny_llama, prompt, feature_extractor, adapter: str
+) -> None:
+    table = None
+    spreads = {}
+    for init in ("default", "embeddings"):
+        student = make_student(tiny_whisper, tiny_llama, prompt, adapter=adapter, projection_init=init)
+        table = student.llm.get_input_embeddings().weight.detach()
+        with torch.no_grad():
+            tokens = student(*log_mel(waveforms(1.0, 2.0), feature_extractor, trim=True)).audio_tokens
+        # each coordinate's RMS deviation from the table's mean row, relative to the table's own spread
+        deviation = (tokens - table.mean(dim=0)).pow(2).mean().sqrt()
+        spreads[init] = float(deviation / table.var(dim=0).mean().sqrt())
+    if adapter == "qformer":
+        assert torch.allclose(student.projection.bias, table.mean(dim=0))
+    assert 0.5 < spreads["embeddings"] < 2.0, spreads
+    assert abs(spreads["default"] - 1) > abs(spreads["embeddings"] - 1), spreads
+
+
+def test_gelu_rms_matches_sampling() -> None:
+    from diva.student.model import gelu_rms
+
+    z = torch.randn(400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for std in (0.3, 1.0, 5.0):
+        assert gelu_rms(std) == pytest.approx(float(torch.nn.functional.gelu(z * std).pow(2).mean().sqrt()), rel=0.01)
+
+
 def test_frozen_parts_stay_in_eval_mode(student: DiVAStudent) -> None:
     student.train()
     assert student.adapter.training and student.projection.training
