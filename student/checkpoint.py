@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +196,10 @@ def load_pretrained(
         info, weights_path = _read_run(path, whisper, llm)
     else:
         raise CheckpointError(f"{path}: neither a saved student ({CONFIG_FILE}) nor a train run folder (config.yaml)")
+    # the trained weights replace the projection's initialisation: skip projection_init's pass over the table
+    cfg = replace(info.student_cfg, projection_init="default")
     student = DiVAStudent.from_pretrained_parts(
-        info.whisper_dir, info.llm_dir, info.prompt, info.student_cfg, dtype=dtype, keep_lm_head=True
+        info.whisper_dir, info.llm_dir, info.prompt, cfg, dtype=dtype, keep_lm_head=True
     )
     weights = load_file(str(weights_path))
     expected = set(student.trainable_state_dict())

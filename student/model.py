@@ -259,10 +259,14 @@ def init_projection_to_embeddings(projection: nn.Linear, embeddings: torch.Tenso
     """student.projection_init = embeddings: bias = the embedding table's mean row; weights N(0, s^2) with
     s = spread / (input_rms sqrt(d_in)), spread = the RMS of the table's per-coordinate standard deviations, so
     for inputs of RMS `input_rms` each output coordinate varies like a column of the table around its mean."""
-    table = embeddings.detach().double()  # (V, d_llm)
-    spread = math.sqrt(float(table.var(dim=0).mean()))
+    total = torch.zeros(2, embeddings.shape[1], dtype=torch.float64, device=embeddings.device)  # sum, sum of squares
+    for rows in embeddings.detach().split(8192):  # float64 a block at a time (a 128k x 4096 table is 4 GB whole)
+        rows = rows.double()
+        total += torch.stack((rows.sum(dim=0), rows.pow(2).sum(dim=0)))
+    mean = total[0] / embeddings.shape[0]
+    spread = math.sqrt(float((total[1] / embeddings.shape[0] - mean**2).clamp(min=0).mean()))
     nn.init.normal_(projection.weight, mean=0.0, std=spread / (input_rms * math.sqrt(projection.in_features)))
-    projection.bias.copy_(table.mean(dim=0).to(projection.bias.dtype))
+    projection.bias.copy_(mean.to(projection.bias.dtype))
 
 
 def build_adapter(kind: str, decoder: nn.Module, num_queries: int) -> nn.Module:
