@@ -146,6 +146,23 @@ class StudentConfig:
         "RMS estimated from its parameters): the first audio tokens look like token embeddings, not outliers.",
         default="default",
     )
+    xopd_weight: float = doc(
+        "Weight of the X-OPD term (METHOD.md section 3, cross-modal on-policy distillation): the student answers "
+        "each utterance's speech (xopd_tokens tokens, no gradient), the frozen LLM scores that answer given the "
+        "transcript (the teacher, computed live: it cannot come from the cache), and the loss is the per-token "
+        "reverse KL(p_student || p_teacher) along the student's own answer, length-normalised. It teaches whole "
+        "answers, not only the first token; each step costs a decode and a pass over the answer. 0: off (DiVA). "
+        "With the LLM frozen, the paper's text-input term is zero, so only the cross-modal term is computed.",
+        default=0.0,
+    )
+    xopd_tokens: int = doc("X-OPD: answer tokens per rollout (an answer stops earlier at an eos).", default=32)
+    xopd_sample: bool = doc(
+        "X-OPD: sample the rollouts at xopd_temperature (the paper); false: greedy rollouts (the answers the "
+        "student gives at inference).",
+        default=True,
+    )
+    xopd_temperature: float = doc("X-OPD: sampling temperature of the rollouts.", default=1.0)
+    xopd_rollouts: int = doc("X-OPD: rollouts per utterance (4 in the paper).", default=1)
 
     def __post_init__(self) -> None:
         if self.num_queries < 1:
@@ -160,12 +177,20 @@ class StudentConfig:
             "distill_weight": self.distill_weight,
             "align_weight": self.align_weight,
             "kl_weight": self.kl_weight,
+            "xopd_weight": self.xopd_weight,
         }
         for name, value in weights.items():
             if value < 0:
                 raise ConfigError(f"student.{name} must be >= 0, got {value}")
         if not any(weights.values()):
-            raise ConfigError("student: distill_weight, align_weight and kl_weight are all 0; nothing would train")
+            raise ConfigError(
+                "student: distill_weight, align_weight, kl_weight and xopd_weight are all 0; nothing would train"
+            )
+        if self.xopd_tokens < 1 or self.xopd_rollouts < 1 or not self.xopd_temperature > 0:
+            raise ConfigError(
+                "student.xopd_tokens and student.xopd_rollouts must be >= 1 and student.xopd_temperature > 0, got "
+                f"{self.xopd_tokens}, {self.xopd_rollouts}, {self.xopd_temperature}"
+            )
 
 
 @dataclass
@@ -225,6 +250,13 @@ class TrainConfig:
         "text pass inside every step: the no-cache baseline; audio, transcripts and alignment targets still come "
         "from the cache).",
         default="cache",
+    )
+    init_from: str = doc(
+        "Start from a trained student's weights: a `diva train` run folder (its latest checkpoint) or a `diva "
+        "export` folder, trained on the same Whisper, LLM and prompt ids, with the same adapter and Q. For a second "
+        "stage (e.g. student.xopd_weight > 0 after DiVA): only the weights; the optimizer, LR schedule and data "
+        "position start fresh. Empty: the initialisation of student.* (Whisper's decoder, projection_init).",
+        default="",
     )
 
     def __post_init__(self) -> None:

@@ -185,22 +185,34 @@ def load_pretrained(
 
     `whisper_dir` / `llm_dir` replace the recorded folders (models that moved); their weights must still have
     the recorded checksums. The student comes back in eval mode on `device`, with the LLM's lm_head."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    whisper = Path(whisper_dir) if whisper_dir is not None else None
-    llm = Path(llm_dir) if llm_dir is not None else None
-    if (path / CONFIG_FILE).is_file():
-        info, weights_path = _read_pretrained(path, whisper, llm)
-    elif (path / "config.yaml").is_file():
-        info, weights_path = _read_run(path, whisper, llm)
-    else:
-        raise CheckpointError(f"{path}: neither a saved student ({CONFIG_FILE}) nor a train run folder (config.yaml)")
+    info, weights_path = read_student_folder(Path(path), whisper_dir, llm_dir)
     # the trained weights replace the projection's initialisation: skip projection_init's pass over the table
     cfg = replace(info.student_cfg, projection_init="default")
     student = DiVAStudent.from_pretrained_parts(
         info.whisper_dir, info.llm_dir, info.prompt, cfg, dtype=dtype, keep_lm_head=True
     )
+    load_trainable(student, weights_path)
+    return student.to(device).eval(), info
+
+
+def read_student_folder(
+    path: Path, whisper_dir: str | Path | None = None, llm_dir: str | Path | None = None
+) -> tuple[StudentInfo, Path]:
+    """What a save_pretrained folder or a `diva train` run folder holds (the base models' checksums verified) and
+    the path of its trainable weights (a run's latest checkpoint)."""
+    whisper = Path(whisper_dir) if whisper_dir is not None else None
+    llm = Path(llm_dir) if llm_dir is not None else None
+    if (path / CONFIG_FILE).is_file():
+        return _read_pretrained(path, whisper, llm)
+    if (path / "config.yaml").is_file():
+        return _read_run(path, whisper, llm)
+    raise CheckpointError(f"{path}: neither a saved student ({CONFIG_FILE}) nor a train run folder (config.yaml)")
+
+
+def load_trainable(student: DiVAStudent, weights_path: Path) -> None:
+    """Load trainable weights (a safetensors file) into a student built with the same config."""
+    from safetensors.torch import load_file
+
     weights = load_file(str(weights_path))
     expected = set(student.trainable_state_dict())
     if set(weights) != expected:
@@ -210,7 +222,22 @@ def load_pretrained(
             f"(missing {missing[:3]}, unexpected {extra[:3]}); was it saved with another student config?"
         )
     student.load_state_dict(weights, strict=False)
-    return student.to(device).eval(), info
+
+
+def init_from_trained(
+    student: DiVAStudent, path: Path, whisper_dir: Path, llm_dir: Path, prompt: PromptSpec, cfg: StudentConfig
+) -> StudentInfo:
+    """A training run's starting weights from a trained student (train.init_from): refused unless it was trained
+    on the same Whisper and LLM weights (checksums), the same prompt ids and the same adapter and Q."""
+    info, weights_path = read_student_folder(path, whisper_dir, llm_dir)
+    if (info.prompt.prefix_ids, info.prompt.suffix_ids) != (prompt.prefix_ids, prompt.suffix_ids):
+        raise CheckpointError(f"{path} was trained with other prompt ids than this run's training cache")
+    ours, theirs = (cfg.adapter, cfg.num_queries), (info.student_cfg.adapter, info.student_cfg.num_queries)
+    if ours != theirs:
+        raise CheckpointError(f"{path} has adapter {theirs[0]} with Q {theirs[1]}; this run's student.* asks for "
+                              f"{ours[0]} with Q {ours[1]}")  # fmt: skip
+    load_trainable(student, weights_path)
+    return info
 
 
 def export_pretrained(model_dir: str | Path, out_dir: str | Path) -> tuple[Path, StudentInfo]:

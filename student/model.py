@@ -371,7 +371,7 @@ class DiVAStudent(nn.Module):
             prompt.prefix_ids,
             prompt.suffix_ids,
             reuse_prefix_kv=cfg.reuse_prefix_kv,
-            keep_lm_head=cfg.kl_weight > 0 if keep_lm_head is None else keep_lm_head,
+            keep_lm_head=cfg.kl_weight > 0 or cfg.xopd_weight > 0 if keep_lm_head is None else keep_lm_head,
         )
 
     def train(self, mode: bool = True) -> DiVAStudent:
@@ -426,25 +426,35 @@ class DiVAStudent(nn.Module):
 
         Every item has exactly Q audio tokens, so all rows have the same length: no padding, no attention mask.
         """
+        return self.hidden_after_audio(audio_tokens)[:, -1]  # (B, d_llm)
+
+    def answer_hidden(self, audio_tokens: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + K, d_llm): the final hidden states at the last suffix position and at each of the K answer
+        tokens (B, K) fed after it: the inputs of the next-token predictions of answer token 0..K (X-OPD)."""
+        answer = self.llm.get_input_embeddings()(answer_ids.to(self.prefix_ids.device))  # (B, K, d_llm)
+        return self.hidden_after_audio(audio_tokens, answer)[:, -(1 + answer_ids.shape[1]) :]
+
+    def hidden_after_audio(self, audio_tokens: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
+        """The LLM's final hidden states on [embed(prefix), v, embed(suffix), tail] (tail: (B, K, d_llm) embeddings
+        or None), for the positions from the first audio token on (and the prefix's when they are recomputed)."""
         embed = self.llm.get_input_embeddings()
         v = audio_tokens.to(embed.weight.dtype)  # (B, Q, d_llm)
         batch, d = v.shape[0], v.shape[-1]
         prefix = embed(self.prefix_ids)  # (P, d_llm)
         suffix = embed(self.suffix_ids)[None].expand(batch, -1, d)  # (B, S, d_llm)
+        after = [v, suffix] if tail is None else [v, suffix, tail.to(v.dtype)]
         if self.reuse_prefix_kv and len(self.prefix_ids) > 0:
             # The prefix precedes the audio in a causal LLM, so its keys/values do not depend on v: compute
-            # them once for one row, repeat them over the batch, and run only [v, suffix] on top.
+            # them once for one row, repeat them over the batch, and run only [v, suffix, tail] on top.
             with torch.no_grad():
                 cache = self.llm(inputs_embeds=prefix[None], use_cache=True).past_key_values  # batch 1
             cache.batch_repeat_interleave(batch)
             if self.gradient_checkpointing:
                 read_only_prefix(cache)
-            x = torch.cat([v, suffix], dim=1)  # (B, Q + S, d_llm)
-            hidden = self.llm(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state
-        else:
-            x = torch.cat([prefix[None].expand(batch, -1, d), v, suffix], dim=1)  # (B, P + Q + S, d_llm)
-            hidden = self.llm(inputs_embeds=x, use_cache=False).last_hidden_state  # (B, P + Q + S, d_llm)
-        return hidden[:, -1]  # (B, d_llm)
+            x = torch.cat(after, dim=1)  # (B, Q + S + K, d_llm)
+            return self.llm(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state
+        x = torch.cat([prefix[None].expand(batch, -1, d), *after], dim=1)  # (B, P + Q + S + K, d_llm)
+        return self.llm(inputs_embeds=x, use_cache=False).last_hidden_state
 
     def forward(
         self,

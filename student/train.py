@@ -56,7 +56,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from torch import nn
 from diva.config import RuntimeConfig, TrainConfig, save_config
 from diva.runtime import resolve_device, resolve_dtype
 from diva.student import distributed
+from diva.student.checkpoint import init_from_trained
 from diva.student.data import (
     Batch,
     DataPosition,
@@ -80,8 +81,10 @@ from diva.student.data import (
     mixed_mean_h_t,
 )
 from diva.student.distributed import SINGLE, Dist
+from diva.student.generate import eos_token_ids
 from diva.student.losses import align_loss, combined_loss, distill_loss, kl_loss
 from diva.student.model import DiVAStudent, StudentConfig
+from diva.student.xopd import XOPDTerm
 from diva.teacher_cache.index import CacheError
 from diva.teacher_cache.prompt import PromptSpec
 from diva.teacher_cache.read import check_fingerprint
@@ -302,9 +305,11 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     schedule: Any,
     layout: Dist = SINGLE,
+    xopd: XOPDTerm | None = None,
 ) -> tuple[dict[str, Any], MixPosition]:
     """grad_accum micro-batches, gradients averaged over the ranks, clipping, one AdamW step; returns the step's
-    metrics (losses: means over the ranks; align counts: sums) and the data position (the same on every rank)."""
+    metrics (losses: means over the ranks; align counts: sums) and the data position (the same on every rank).
+    `xopd` adds student.xopd_weight x the X-OPD term (rollouts and the live teacher: `student.xopd`)."""
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {"loss": 0.0}
     counts = {"align_skipped": 0, "align_truncated": 0, "align_empty": 0}
@@ -313,6 +318,11 @@ def train_step(
         batch, position = next(batches)
         out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths)
         loss = combined_loss(out, batch.h_t, batch.targets, student_cfg, student.lm_head)
+        if xopd is not None:
+            loss.parts["xopd"], stats = xopd(student, out.audio_tokens, batch.text_ids, student_cfg)
+            loss.total = loss.total + student_cfg.xopd_weight * loss.parts["xopd"]
+            for name, value in stats.items():
+                sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum
         (loss.total / cfg.grad_accum).backward()
         sums["loss"] += float(loss.total.detach()) / cfg.grad_accum
         for name, part in loss.parts.items():
@@ -528,8 +538,14 @@ def train(
 
         torch.manual_seed(train_cfg.seed)  # the same initialisation on every rank (and rank 0's is broadcast)
         prompt = PromptSpec.from_json(index["prompt"])  # the cache's prompt ids, never a fresh render
-        student = DiVAStudent.from_pretrained_parts(whisper_dir, llm_dir, prompt, student_cfg, dtype=dtype).to(device)
-        student.train()
+        init_from = Path(train_cfg.init_from) if train_cfg.init_from else None
+        # trained weights replace the projection's initialisation: skip projection_init's pass over the table
+        build_cfg = replace(student_cfg, projection_init="default") if init_from else student_cfg
+        student = DiVAStudent.from_pretrained_parts(whisper_dir, llm_dir, prompt, build_cfg, dtype=dtype)
+        if init_from is not None:
+            init_from_trained(student, init_from, Path(whisper_dir), Path(llm_dir), prompt, student_cfg)
+        student = student.to(device).train()
+        xopd = XOPDTerm(prompt, eos_token_ids(llm_dir)) if student_cfg.xopd_weight > 0 else None
         if train_cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         distributed.broadcast_trainable(student, layout)
@@ -570,7 +586,8 @@ def train(
         checkpoint: Path | None = checkpoints[-1] if resumed_from is not None else None
         while step < train_cfg.steps:  # every rank runs the same steps: the stream never ends
             started = time.perf_counter()
-            metrics, position = train_step(student, batches, student_cfg, train_cfg, optimizer, schedule, layout)
+            metrics, position = train_step(student, batches, student_cfg, train_cfg, optimizer, schedule, layout,
+                                           xopd)  # fmt: skip
             step += 1
             seconds = time.perf_counter() - started
             samples_per_s = train_cfg.batch_size * train_cfg.grad_accum * layout.world_size / seconds

@@ -1,5 +1,6 @@
 """The trainer end to end on real clips with the tiny random Whisper and Llama: the cache's targets vary, a short run
 lowers L_distill and writes its files, a resumed run equals an uninterrupted one, a cache of another LLM is refused,
+an X-OPD stage starts from a trained run and resumes exactly,
 and the trained student is scored against the audio-blind control and the mean-h_T predictor, two torchrun
 processes (gloo, CPU) train on disjoint halves of the data and end with identical weights, two caches mix by
 weight and resume exactly, and the online-teacher mode's losses equal the cache's."""
@@ -638,3 +639,31 @@ def test_torchrun_fsdp_resumes_the_plain_run_and_ends_equal(caches, tiny_whisper
     for index, values in states[0]["state"].items():
         for key, value in values.items():
             assert torch.allclose(value, states[1]["state"][index][key], atol=1e-5), (index, key)
+
+
+def test_xopd_stage_starts_from_a_trained_run_and_resumes_exactly(caches, tiny_whisper, tiny_llama, tmp_path) -> None:
+    from dataclasses import replace
+
+    from diva.student.checkpoint import CheckpointError
+
+    first = tmp_path / "diva"
+    train(caches["train"], first, tiny_whisper, tiny_llama, STUDENT, _train_cfg(steps=3), RUNTIME)
+    stage = replace(STUDENT, xopd_weight=1.0, xopd_tokens=4, xopd_rollouts=2)  # sampled rollouts: RNG in the resume
+    cfg = _train_cfg(steps=4, checkpoint_every=2, lr=1e-6, init_from=str(first))
+    straight, halted = tmp_path / "straight", tmp_path / "halted"
+    train(caches["train"], straight, tiny_whisper, tiny_llama, stage, cfg, RUNTIME)
+    records = _records(straight)
+    assert {"xopd", "xopd_tokens", "xopd_stopped", "distill", "align"} <= set(records[0])
+    assert all(r["xopd"] > 0 and 1 <= r["xopd_tokens"] <= 4 for r in records)
+    # the stage started from the first run's weights: at lr 1e-6 they barely move
+    start = load_file(str(first / "checkpoints" / "step_000003" / "trainable.safetensors"))
+    after = load_file(str(straight / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    assert all(torch.allclose(start[k], after[k], atol=1e-4) for k in start)
+    shutil.copytree(straight, halted)
+    shutil.rmtree(halted / "checkpoints" / "step_000004")
+    train(caches["train"], halted, tiny_whisper, tiny_llama, stage, cfg, RUNTIME, resume=True)
+    keys = ("step", "loss", "xopd", "xopd_tokens", "distill")
+    assert [[r[k] for k in keys] for r in _records(halted)] == [[r[k] for k in keys] for r in records]
+    with pytest.raises(CheckpointError, match="Q 8"):
+        other = replace(stage, num_queries=4)
+        train(caches["train"], tmp_path / "other", tiny_whisper, tiny_llama, other, cfg, RUNTIME)
