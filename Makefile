@@ -18,11 +18,13 @@ SYSTEM_PACKAGES := flite
 DEMO_DIR ?= runs/demo
 CONFIG   ?= demo
 # The demo's report also scores real recordings when this folder (the project's shared clips) is there: the English
-# rows with a transcript, sentences first, then the spoken digits. REPORT_ROWS: rows scored per set.
+# rows with a transcript, sentences first, then the spoken digits. REPORT_ROWS: rows scored per set, REPORT_BATCH at
+# a time (a decoding step reads all the LLM's weights whatever the batch, so wide batches are cheaper per row).
 SPEECH      ?= ../shared/data/speech
 # DEMO_STEPS: the training budget in steps (default: the preset's train.steps, ~15 min on a slow 2-core CPU).
 DEMO_STEPS  ?=
-REPORT_ROWS ?= 32
+REPORT_ROWS ?= 64
+REPORT_BATCH ?= 32
 REAL_CLIPS   = awk -F'\t' -v d=$(abspath $(SPEECH)) 'BEGIN {print "file\ttranscript"} \
   NR > 1 && $$3 == "en" && $$2 != "" {row = d "/" $$1 "\t" $$2; if ($$1 ~ /^fsdd\//) digits = digits row "\n"; else print row} \
   END {printf "%s", digits}' $(SPEECH)/transcripts.tsv
@@ -101,6 +103,7 @@ demo: models
 	    --path-column file --text-column transcript --split real || exit 1; \
 	else echo "(no $(SPEECH)/transcripts.tsv: the report covers synthetic speech only)"; fi
 	$(BIN)/diva report --model $(DEMO_DIR)/run --manifest $(DEMO_DIR)/manifests/test --limit $(REPORT_ROWS) \
+	  --batch-size $(REPORT_BATCH) \
 	  $(if $(wildcard $(SPEECH)/transcripts.tsv),--real $(DEMO_DIR)/real/manifest)
 	@echo "== 6/6 a held-out spoken question, answered by the teacher (reading) and the student (listening)"
 	$(BIN)/diva ask --model $(DEMO_DIR)/run --manifest $(DEMO_DIR)/manifests/test

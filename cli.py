@@ -766,7 +766,7 @@ def eval_command(
     ],
     model: ModelOpt = None,
     limit: Annotated[int, typer.Option("--limit", help="Score at most this many rows with a transcript.")] = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per batch (the blind control rolls it).")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together.")] = 8,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Greedy answers compared up to this many tokens.")
     ] = 32,
@@ -848,7 +848,7 @@ def report_command(
         typer.Option("--real", help="A second manifest of real recordings, scored the same way.", show_default=False),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", help="Score at most this many rows with a transcript per set.")] = 48,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per batch (the blind control rolls it).")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together.")] = 8,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Greedy answers compared up to this many tokens.")
     ] = 32,

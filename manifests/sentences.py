@@ -1,6 +1,11 @@
 """Voice-assistant-style sentences for the synthetic demo corpus: templates with slots, filler lists, and
 a fixed partition of the (template, fillers) space into train / dev / test regions.
 
+Besides questions, requests and statements, a "short" kind covers what people also say to an assistant and what
+real corpora hold (Speech Commands' words, spoken digits, codes and phone numbers): a single word, a digit, and
+strings of two to four digits, about 9% of the sentences. Without them a student trained on full sentences
+answers a spoken "seven" the way it answers a request.
+
 Every combination of a template and a filler tuple lands in exactly one region, decided by a hash of the
 combination (not by the seed or the sizes), so held-out sentences never share a template-and-filler
 combination with train, and a test sentence stays in test whatever the corpus size. The seed only picks
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
-Kind = Literal["question", "request", "statement"]
+Kind = Literal["question", "request", "statement", "short"]
 SPLITS = ("train", "dev", "test")
 # Share of the combination space held out for dev and for test (the rest is train's region).
 HELD_OUT_FRACTION = {"dev": 0.1, "test": 0.1}
@@ -146,6 +151,15 @@ FILLERS: dict[str, tuple[str, ...]] = {
         "the ocean, autumn leaves, a rainy day, my cat, the city at night, friendship, coffee, the mountains, "
         "the first snow, a long train ride, summer mornings, an old dog"
     ),
+    # single words said on their own (commands, answers, the Speech Commands vocabulary's kind of word)
+    "word": _words(
+        "yes, no, stop, go, up, down, left, right, on, off, cancel, next, back, pause, play, help, repeat, louder, "
+        "quieter, hello, goodbye, thanks, wait, continue, skip, again, sorry, maybe, forward, backward, follow, "
+        "faster, slower, open, close, start, finish, ready, done, please, bird, cat, dog, house, tree, happy, music, "
+        "weather, lights, coffee, news, morning, tonight, tomorrow"
+    ),
+    # spoken one at a time, as words (a digit string is read digit by digit)
+    "digit": _words("zero, one, two, three, four, five, six, seven, eight, nine"),
     # days without a part of the day, for sentences that already name a time
     "date": _words(
         "today, tomorrow, on Monday, on Tuesday, on Wednesday, on Thursday, on Friday, on Saturday, on Sunday, "
@@ -229,6 +243,12 @@ TEMPLATES: tuple[tuple[str, Kind, str], ...] = (
     ("travel.plan", "request", "Help me plan a trip to {city}."),
     ("travel.flights", "request", "Find cheap flights to {city} {day}."),
     ("shopping.order", "request", "Order more {item}."),
+    # short: a word, a digit, digit strings
+    ("short.word", "short", "{word}."),
+    ("short.digit", "short", "{digit}."),
+    ("short.digits2", "short", "{digit} {digit2}."),
+    ("short.digits3", "short", "{digit} {digit2} {digit3}."),
+    ("short.digits4", "short", "{digit} {digit2} {digit3} {digit4}."),
     # statements
     ("travel.back", "statement", "I just got back from {city} and the food was amazing."),
     ("travel.flight", "statement", "My flight to {city} leaves {day}."),
@@ -251,6 +271,11 @@ TEMPLATES: tuple[tuple[str, Kind, str], ...] = (
     ("media.watched", "statement", "We watched a {movie} last night and it was great."),
     ("language.learning", "statement", "I'm learning {language} for my trip to {country}."),
 )
+
+
+# Draw weight multipliers: a single word or digit is a tiny template space (54 and 10 texts, each drawn once at
+# most), so without a boost a corpus of 2,000 holds only a dozen of them.
+BOOST = {"short.word": 8.0, "short.digit": 6.0}
 
 
 @dataclass(frozen=True)
@@ -323,11 +348,11 @@ def _candidates(split: str, seed: int) -> Iterator[Sentence]:
     """An endless stream of combinations of `split`'s region, drawn with a per-split generator.
 
     Templates are weighted by the square root of their space, so large templates give more sentences
-    without drowning the small ones.
+    without drowning the small ones, times BOOST (single words and digits: their few texts are all drawn).
     """
     rng = random.Random(f"diva-synth:{seed}:{split}")
     pool = templates()
-    weights = [math.sqrt(t.space) for t in pool]
+    weights = [math.sqrt(t.space) * BOOST.get(t.id, 1.0) for t in pool]
     while True:
         template = rng.choices(pool, weights)[0]
         fillers = _draw_fillers(template, rng)

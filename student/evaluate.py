@@ -2,7 +2,9 @@
 
     teacher   [prefix, transcript ids, suffix]                    (teacher_input_ids, as the teacher cache builds it)
     student   [embed(prefix), audio tokens of the clip, embed(suffix)]
-    blind     the student fed ANOTHER row's audio (the batch rolled by one): what the prompt alone explains
+    blind     the student fed ANOTHER row's audio (a seeded random pairing over all the scored rows, never a row
+              with itself: in a sorted manifest neighbours share a speaker or a kind of utterance, so the batch
+              rolled by one would be a weak control): what the prompt alone explains
     cascade   [prefix, Whisper's own greedy transcript, suffix]   (Whisper decoder from the student's Whisper folder)
     floor     the UNTRAINED student (fresh adapter and projection, seed 0): where training started
 
@@ -19,7 +21,6 @@ The report also gives the cascade's WER (diva.wer) and the share of blind pairs 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,17 @@ def scored_rows(manifest_dir: Path, limit: int, counts: dict[str, int]) -> Itera
         yield row, utt
 
 
+def blind_partners(n: int, seed: int = 0) -> list[int]:
+    """A seeded random pairing of n rows with no row paired with itself (Sattolo's algorithm: one random cycle
+    through all the rows): row i is fed row partner[i]'s audio in the audio-blind control."""
+    partner = list(range(n))
+    rng = np.random.default_rng(seed)
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(0, i))  # j < i: i never keeps its own place
+        partner[i], partner[j] = partner[j], partner[i]
+    return partner
+
+
 def _load(row: int, utt: Utterance) -> np.ndarray:
     try:
         return utterance_audio(utt)
@@ -176,8 +188,10 @@ def evaluate_answers(
         for key, value in scores.items():
             sums[name][key] = sums[name].get(key, 0.0) + value
 
-    rows_iter = scored_rows(Path(manifest_dir), limit, counts)
-    while batch := list(islice(rows_iter, batch_size)):
+    scored = list(scored_rows(Path(manifest_dir), limit, counts))
+    partner = blind_partners(len(scored))
+    for start in range(0, len(scored), batch_size):
+        batch = scored[start : start + batch_size]
         utts = [utt for _, utt in batch]
         audios = [_load(row, utt) for row, utt in batch]
         texts = [utt.text for utt in utts]
@@ -189,10 +203,14 @@ def evaluate_answers(
             if "student" in systems:
                 h, answers["student"] = run_rows(student, rows, stop_ids, max_new_tokens)
                 add("student", h, answers["student"], h_t, teacher)
-            if "blind" in systems:  # row b gets row b-1's audio
-                h, answers["blind"] = run_rows(student, rows[-1:] + rows[:-1], stop_ids, max_new_tokens)
+            if "blind" in systems:  # row i gets its partner's audio
+                others = [scored[partner[start + i]] for i in range(len(batch))]
+                other_audios = [_load(row, utt) for row, utt in others]
+                other_rows = audio_rows(student, other_audios, student.prefix_ids, student.suffix_ids,
+                                        feature_extractor, trim)  # fmt: skip
+                h, answers["blind"] = run_rows(student, other_rows, stop_ids, max_new_tokens)
                 add("blind", h, answers["blind"], h_t, teacher)
-                same_text += sum(a == b for a, b in zip(texts, texts[-1:] + texts[:-1], strict=True))
+                same_text += sum(a == utt.text for a, (_, utt) in zip(texts, others, strict=True))
         if floor is not None:
             rows = audio_rows(floor, audios, floor.prefix_ids, floor.suffix_ids, feature_extractor, trim)
             h, answers["floor"] = run_rows(floor, rows, stop_ids, max_new_tokens)

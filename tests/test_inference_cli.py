@@ -19,7 +19,7 @@ from diva.audio import load_audio
 from diva.cli import app
 from diva.manifests.store import read_manifest
 from diva.student.checkpoint import load_pretrained, load_processors
-from diva.student.evaluate import render_markdown
+from diva.student.evaluate import blind_partners, render_markdown
 from diva.student.features import log_mel
 from diva.student.generate import generate
 from diva.teacher_cache.backends.hf import HFTeacher
@@ -158,6 +158,18 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
     h_t = torch.tensor(np.stack(teacher.final_hidden(ids)))  # (4, d): h_T as the teacher cache computes it
     cosine = float(torch.nn.functional.cosine_similarity(h_s, h_t, dim=-1).mean())
     assert report["systems"]["student"]["cosine"] == pytest.approx(cosine, abs=1e-4)
+    partner = blind_partners(4)  # the blind control: each row's h_T against its partner's speech, across batches
+    blind = float(torch.nn.functional.cosine_similarity(h_s[partner], h_t, dim=-1).mean())
+    assert report["systems"]["blind"]["cosine"] == pytest.approx(blind, abs=1e-4)
+
+
+def test_blind_partners_pair_every_row_with_another_one() -> None:
+    assert blind_partners(40) == blind_partners(40) and blind_partners(40, seed=1) != blind_partners(40)
+    for n in (2, 3, 8, 40):
+        partner = blind_partners(n)
+        assert sorted(partner) == list(range(n)) and all(partner[i] != i for i in range(n))
+    neighbours = sum(abs(i - j) == 1 for i, j in enumerate(blind_partners(40)))
+    assert neighbours < 10  # not the batch rolled by one
 
 
 def test_report_writes_tables_verdicts_and_curves_once(run: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def test_sentences_are_deterministic_and_held_out() -> None:
     combos = {split: {s.combination for s in first[split]} for split in SPLITS}
     assert not combos["train"] & (combos["dev"] | combos["test"])
     assert all(region(*s.combination) == split for split in SPLITS for s in first[split])
-    assert {s.kind for s in first["train"]} == {"question", "request", "statement"}
+    kinds = Counter(s.kind for s in first["train"])
+    assert set(kinds) == {"question", "request", "statement", "short"}
+    assert 0.05 < kinds["short"] / sizes["train"] < 0.15, kinds  # single words, digits, digit strings
     assert len({s.template for s in first["train"]}) > 80
     assert all("\t" not in s.text and "\n" not in s.text for split in SPLITS for s in first[split])
 
