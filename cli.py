@@ -386,9 +386,10 @@ def corpus_synth(
     no_wer: Annotated[bool, typer.Option("--no-wer", help="Skip the WER measurement.")] = False,
 ) -> None:
     """Generate the demo's speech corpus offline with flite: voice-assistant-style questions, requests and
-    statements, several voices and speeds, held-out dev/test sentences that share no template-and-filler
-    combination with train. Written as a Common Voice folder (clips/*.mp3, train/dev/test.tsv,
-    clip_durations.tsv) plus synth_stats.json with the WER Whisper gets on a sample. Resumable."""
+    statements plus short utterances (single words, digits, digit strings), several voices and speeds, held-out
+    dev/test sentences that share no template-and-filler combination with train. Written as a Common Voice folder
+    (clips/*.mp3, train/dev/test.tsv, clip_durations.tsv) plus synth_stats.json with the WER Whisper gets on a
+    sample. Resumable."""
     from diva.manifests.synth import SynthError, SynthOptions, synthesize_corpus
     from diva.zoo.resolve import ModelNotFound, resolve_model
 
