@@ -155,7 +155,7 @@ def evaluate_answers(
     """Score `systems` against the teacher on the first `limit` rows with a transcript (see the module docstring).
 
     Returns a json-serialisable report: {systems: {name: {metric: value}}, n, skipped, cascade_wer,
-    blind_same_text, examples, ...}; `progress(rows_done, limit)` is called after every batch."""
+    blind_same_text, examples, rows, ...}; `progress(rows_done, limit)` is called after every batch."""
     from diva.runtime import resolve_device
     from diva.student.checkpoint import load_pretrained, load_processors
 
@@ -222,7 +222,7 @@ def evaluate_answers(
             ids = [teacher_input_ids(info.prompt, transcript_ids(tokenizer, t)) for t in heard]
             h, answers["cascade"] = run_rows(student, token_rows(student, ids), stop_ids, max_new_tokens)
             add("cascade", h, answers["cascade"], h_t, teacher)
-        for i in range(min(len(utts), N_EXAMPLES - len(examples))):
+        for i in range(len(utts)):  # every row's answers, as text (the report shows the first N_EXAMPLES)
             example = {
                 "id": utts[i].id,
                 "transcript": texts[i],
@@ -254,7 +254,8 @@ def evaluate_answers(
         errors = word_errors(refs, hyps)
         report["cascade_wer"] = errors.wer
         report["cascade_word_errors"] = {"errors": errors.errors, "ref_words": errors.ref_words}
-    report["examples"] = examples
+    report["examples"] = examples[:N_EXAMPLES]
+    report["rows"] = examples  # every scored row: id, transcript, each system's answer (and Whisper's transcript)
     return report
 
 

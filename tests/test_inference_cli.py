@@ -145,6 +145,8 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
         assert 0 <= metrics["prefix_tokens"] <= MAX_NEW
     assert report["cascade_wer"] >= 0 and 0 <= report["blind_same_text"] <= 1
     assert report["examples"][0]["transcript"] == utts[0]["text"] and "whisper_transcript" in report["examples"][0]
+    assert [r["id"] for r in report["rows"]] == [u["id"] for u in utts]  # every scored row's answers, in order
+    assert all({"teacher", "student", "cascade", "blind", "floor"} <= set(r) for r in report["rows"])
     markdown = render_markdown(report).splitlines()
     assert markdown[0].startswith("| system | cos(h, h_T) |") and markdown[2].startswith("| student | ")
     assert len(markdown[0].split("|")) == len(markdown[2].split("|")) and any("WER" in line for line in markdown)
