@@ -181,7 +181,7 @@ def evaluate_answers(
 
     sums: dict[str, dict[str, float]] = {name: {} for name in systems}
     counts = {"n": 0, "skipped": 0}
-    same_text, refs, hyps, examples = 0, [], [], []
+    same_text, refs, hyps, answered = 0, [], [], []
 
     def add(name: str, h: torch.Tensor, answers: list[list[int]], h_t: torch.Tensor, teacher: list[list[int]]):
         scores = {**prediction_scores(h, h_t, student.lm_head, ""), **answer_scores(answers, teacher)}
@@ -231,7 +231,7 @@ def evaluate_answers(
             example |= {name: tokenizer.decode(a[i], skip_special_tokens=True) for name, a in answers.items()}
             if heard:
                 example["whisper_transcript"] = heard[i]
-            examples.append(example)
+            answered.append(example)
         if progress is not None:
             progress(counts["n"], limit)
 
@@ -254,8 +254,8 @@ def evaluate_answers(
         errors = word_errors(refs, hyps)
         report["cascade_wer"] = errors.wer
         report["cascade_word_errors"] = {"errors": errors.errors, "ref_words": errors.ref_words}
-    report["examples"] = examples[:N_EXAMPLES]
-    report["rows"] = examples  # every scored row: id, transcript, each system's answer (and Whisper's transcript)
+    report["examples"] = answered[:N_EXAMPLES]
+    report["rows"] = answered  # every scored row: id, transcript, each system's answer (and Whisper's transcript)
     return report
 
 

@@ -201,9 +201,16 @@ def audio_rows(
     trim_mel: bool,
 ) -> list[torch.Tensor]:
     """The LLM input of each clip: [embed(prefix), k_b x Q audio tokens, embed(suffix)], (P + k_b Q + S, d) each."""
+    tokens = audio_tokens_per_clip(student, audios, feature_extractor, trim_mel)
+    return prompt_rows(student, tokens, prefix_ids, suffix_ids)
+
+
+def prompt_rows(
+    student: DiVAStudent, tokens: Sequence[torch.Tensor], prefix_ids: torch.Tensor, suffix_ids: torch.Tensor
+) -> list[torch.Tensor]:
+    """Audio tokens (N_b, d) of each row between the prompt's embeddings: [embed(prefix), tokens, embed(suffix)]."""
     embed = student.llm.get_input_embeddings()
     prefix, suffix = embed(prefix_ids), embed(suffix_ids)  # (P, d), (S, d)
-    tokens = audio_tokens_per_clip(student, audios, feature_extractor, trim_mel)
     return [torch.cat([prefix, v.to(prefix.dtype), suffix]) for v in tokens]
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from diva.config import StudentConfig
-from diva.student.generate import decode_steps, left_pad, positions_of
+from diva.student.generate import decode_steps, left_pad, positions_of, prompt_rows
 from diva.student.model import DiVAStudent
 from diva.teacher_cache.prompt import PromptSpec, teacher_input_ids
 
@@ -59,9 +59,7 @@ def rollouts(
     generator: torch.Generator | None = None,
 ) -> Rollouts:
     """The student's answers to audio tokens (R, Q, d_llm) after its own prompt: up to `max_tokens` tokens each."""
-    embed = student.llm.get_input_embeddings()
-    prefix, suffix = embed(student.prefix_ids), embed(student.suffix_ids)  # (P, d), (S, d)
-    rows = [torch.cat([prefix, v.to(prefix.dtype), suffix]) for v in audio_tokens.detach()]
+    rows = prompt_rows(student, list(audio_tokens.detach()), student.prefix_ids, student.suffix_ids)
     steps = list(decode_steps(student, rows, stop_ids, max_tokens, sample, temperature, 1.0, generator))
     ids = torch.stack(steps, dim=1)  # (R, k <= K): decoding stops when every row has stopped
     return Rollouts(ids, stop_mask(ids, stop_ids))
@@ -117,8 +115,7 @@ def xopd_loss(
     log_p_t = teacher_log_probs(student, teacher_rows, answers.ids)
     log_p_s = student_log_probs(student, v, answers.ids)
     loss = reverse_kl(log_p_s, log_p_t, answers.mask)
-    stopped = answers.mask.shape[1] > answers.lengths  # a stop id before the last position
-    stopped |= torch.isin(answers.ids[:, -1], torch.tensor(list(stop_ids), device=answers.ids.device))
+    stopped = torch.isin(answers.ids, torch.tensor(list(stop_ids), device=answers.ids.device)).any(-1)  # (R,)
     stats = {"xopd_tokens": float(answers.lengths.float().mean()), "xopd_stopped": float(stopped.float().mean())}
     return loss, stats
 
