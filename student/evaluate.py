@@ -134,6 +134,16 @@ def blind_partners(n: int, seed: int = 0) -> list[int]:
     return partner
 
 
+def length_batches(durations: Sequence[float], batch_size: int) -> list[list[int]]:
+    """Positions 0..n-1 in batches of `batch_size`, shortest utterances first (ties keep manifest order): a
+    batch is padded to its longest clip and decodes until its longest transcript or answer ends, so a 2 s
+    digit batched with a 20 s sentence pays for the sentence (Lhotse's and HF's length grouping, for the same
+    reason). Every score is a sum over rows and the report keeps manifest order, so sorting changes only which
+    rows share a padded batch."""
+    order = sorted(range(len(durations)), key=lambda i: durations[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def _load(row: int, utt: Utterance) -> np.ndarray:
     try:
         return utterance_audio(utt)
@@ -181,7 +191,7 @@ def evaluate_answers(
 
     sums: dict[str, dict[str, float]] = {name: {} for name in systems}
     counts = {"n": 0, "skipped": 0}
-    same_text, refs, hyps, answered = 0, [], [], []
+    same_text, refs, hyps, done = 0, [], [], 0
 
     def add(name: str, h: torch.Tensor, answers: list[list[int]], h_t: torch.Tensor, teacher: list[list[int]]):
         scores = {**prediction_scores(h, h_t, student.lm_head, ""), **answer_scores(answers, teacher)}
@@ -190,8 +200,9 @@ def evaluate_answers(
 
     scored = list(scored_rows(Path(manifest_dir), limit, counts))
     partner = blind_partners(len(scored))
-    for start in range(0, len(scored), batch_size):
-        batch = scored[start : start + batch_size]
+    answered: list[dict[str, Any] | None] = [None] * len(scored)
+    for batch_pos in length_batches([utt.duration_s for _, utt in scored], batch_size):
+        batch = [scored[i] for i in batch_pos]
         utts = [utt for _, utt in batch]
         audios = [_load(row, utt) for row, utt in batch]
         texts = [utt.text for utt in utts]
@@ -204,7 +215,7 @@ def evaluate_answers(
                 h, answers["student"] = run_rows(student, rows, stop_ids, max_new_tokens)
                 add("student", h, answers["student"], h_t, teacher)
             if "blind" in systems:  # row i gets its partner's audio
-                others = [scored[partner[start + i]] for i in range(len(batch))]
+                others = [scored[partner[i]] for i in batch_pos]
                 other_audios = [_load(row, utt) for row, utt in others]
                 other_rows = audio_rows(student, other_audios, student.prefix_ids, student.suffix_ids,
                                         feature_extractor, trim)  # fmt: skip
@@ -222,7 +233,7 @@ def evaluate_answers(
             ids = [teacher_input_ids(info.prompt, transcript_ids(tokenizer, t)) for t in heard]
             h, answers["cascade"] = run_rows(student, token_rows(student, ids), stop_ids, max_new_tokens)
             add("cascade", h, answers["cascade"], h_t, teacher)
-        for i in range(len(utts)):  # every row's answers, as text (the report shows the first N_EXAMPLES)
+        for i, pos in enumerate(batch_pos):  # every row's answers, as text, in manifest order
             example = {
                 "id": utts[i].id,
                 "transcript": texts[i],
@@ -231,9 +242,10 @@ def evaluate_answers(
             example |= {name: tokenizer.decode(a[i], skip_special_tokens=True) for name, a in answers.items()}
             if heard:
                 example["whisper_transcript"] = heard[i]
-            answered.append(example)
+            answered[pos] = example
+        done += len(batch_pos)
         if progress is not None:
-            progress(counts["n"], limit)
+            progress(done, limit)
 
     n = counts["n"]
     if n == 0:
@@ -254,8 +266,9 @@ def evaluate_answers(
         errors = word_errors(refs, hyps)
         report["cascade_wer"] = errors.wer
         report["cascade_word_errors"] = {"errors": errors.errors, "ref_words": errors.ref_words}
-    report["examples"] = answered[:N_EXAMPLES]
-    report["rows"] = answered  # every scored row: id, transcript, each system's answer (and Whisper's transcript)
+    rows_out = [example for example in answered if example is not None]
+    report["examples"] = rows_out[:N_EXAMPLES]
+    report["rows"] = rows_out  # every scored row: id, transcript, each system's answer (and Whisper's transcript)
     return report
 
 

@@ -19,7 +19,7 @@ from diva.audio import load_audio
 from diva.cli import app
 from diva.manifests.store import read_manifest
 from diva.student.checkpoint import load_pretrained, load_processors
-from diva.student.evaluate import blind_partners, render_markdown
+from diva.student.evaluate import blind_partners, length_batches, render_markdown
 from diva.student.features import log_mel
 from diva.student.generate import generate
 from diva.teacher_cache.backends.hf import HFTeacher
@@ -130,6 +130,8 @@ def test_chat_reports_unreadable_audio(run: dict, tmp_path: Path) -> None:
 
 def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -> None:
     utts = [u.to_json() for u in read_manifest(run["manifest"])][:4]
+    utts.sort(key=lambda u: -u["duration_s"])  # longest first: eval batches shortest first, reports manifest order
+    assert utts[0]["duration_s"] > utts[-1]["duration_s"]
     manifest = _write_manifest(tmp_path / "m.jsonl", [utts[0], {**utts[1], "id": "silent", "text": " "}, *utts[1:]])
     report_path = tmp_path / "report.json"
     args = ["eval", "--model", str(run["dir"]), "--manifest", str(manifest), "--limit", "10", "--batch-size", "2",
@@ -163,6 +165,11 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
     partner = blind_partners(4)  # the blind control: each row's h_T against its partner's speech, across batches
     blind = float(torch.nn.functional.cosine_similarity(h_s[partner], h_t, dim=-1).mean())
     assert report["systems"]["blind"]["cosine"] == pytest.approx(blind, abs=1e-4)
+
+
+def test_length_batches_group_the_shortest_rows_first() -> None:
+    assert length_batches([20.0, 1.0, 3.0, 1.0, 15.0], 2) == [[1, 3], [2, 4], [0]]
+    assert length_batches([], 4) == [] and length_batches([2.0], 8) == [[0]]
 
 
 def test_blind_partners_pair_every_row_with_another_one() -> None:
