@@ -3,13 +3,15 @@ a fixed partition of the (template, fillers) space into train / dev / test regio
 
 Besides questions, requests and statements, a "short" kind covers what people also say to an assistant and what
 real corpora hold (Speech Commands' words, spoken digits, codes and phone numbers): a single word, a digit, and
-strings of two to four digits, about 9% of the sentences. Without them a student trained on full sentences
-answers a spoken "seven" the way it answers a request.
+strings of two to four digits, about 14% of the train utterances (9% single words and digits: in train a text of
+these recurs in up to 3 and 9 voice-and-speed pairs, the way Common Voice's single-word segment has every digit
+read by many speakers). Without them a student trained on full sentences answers a spoken "seven" the way it
+answers a request.
 
 Every combination of a template and a filler tuple lands in exactly one region, decided by a hash of the
 combination (not by the seed or the sizes), so held-out sentences never share a template-and-filler
 combination with train, and a test sentence stays in test whatever the corpus size. The seed only picks
-which combinations of each region are drawn. No sentence text is drawn twice, in any split.
+which combinations of each region are drawn. No text is in two splits, and held-out texts are all distinct.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import math
 import random
 import string
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -275,7 +278,11 @@ TEMPLATES: tuple[tuple[str, Kind, str], ...] = (
 
 # Draw weight multipliers: a single word or digit is a tiny template space (54 and 10 texts, each drawn once at
 # most), so without a boost a corpus of 2,000 holds only a dozen of them.
-BOOST = {"short.word": 8.0, "short.digit": 6.0}
+BOOST = {"short.word": 12.0, "short.digit": 15.0}
+# How often a train text of these templates may recur, each time in another voice or at another speed (a
+# sentence of Common Voice is read by many speakers; a 2,000-row corpus otherwise holds ~50 single words).
+# Held-out splits keep every text once.
+REPEATS = {"short.word": 3, "short.digit": 9}
 
 
 @dataclass(frozen=True)
@@ -360,9 +367,11 @@ def _candidates(split: str, seed: int) -> Iterator[Sentence]:
             yield Sentence(template.render(fillers), template.id, template.kind, fillers)
 
 
-def draw_sentences(sizes: dict[str, int], seed: int) -> dict[str, list[Sentence]]:
-    """`sizes[split]` distinct sentences for each split, no text in two splits. Deterministic for a given
-    seed; held-out splits are drawn first, so they do not change with the train size."""
+def draw_sentences(sizes: dict[str, int], seed: int, max_repeats: int = 1) -> dict[str, list[Sentence]]:
+    """`sizes[split]` sentences for each split, no text in two splits. Deterministic for a given seed; held-out
+    splits are drawn first, so they do not change with the train size. Held-out texts are distinct; a train
+    text of a REPEATS template recurs up to min(REPEATS, max_repeats) times (the caller gives each recurrence
+    another voice or speed), every other text once."""
     unknown = set(sizes) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {', '.join(SPLITS)}")
@@ -370,13 +379,16 @@ def draw_sentences(sizes: dict[str, int], seed: int) -> dict[str, list[Sentence]
     drawn: dict[str, list[Sentence]] = {}
     for split in ("test", "dev", "train"):
         count = sizes.get(split, 0)
-        drawn[split] = _draw_split(split, count, seed, taken)
+        repeats = {t: min(n, max_repeats) for t, n in REPEATS.items()} if split == "train" else {}
+        drawn[split] = _draw_split(split, count, seed, taken, repeats)
     return {split: drawn[split] for split in SPLITS if split in sizes}
 
 
-def _draw_split(split: str, count: int, seed: int, taken: set[str]) -> list[Sentence]:
-    """`count` sentences of `split`'s region whose texts are not in `taken` (which it extends)."""
+def _draw_split(split: str, count: int, seed: int, taken: set[str], repeats: dict[str, int]) -> list[Sentence]:
+    """`count` sentences of `split`'s region whose texts are not in `taken` (which it extends); a text of a
+    template in `repeats` may be drawn that many times."""
     out: list[Sentence] = []
+    drawn: Counter[str] = Counter()
     budget = 1000 * count + 10_000  # draws before giving up: the region is too small for `count`
     candidates = _candidates(split, seed)
     tries = 0
@@ -388,7 +400,8 @@ def _draw_split(split: str, count: int, seed: int, taken: set[str]) -> list[Sent
                 f"could draw only {len(out)} distinct {split} sentences of {count}; the template space is "
                 "too small for this size (lower the split sizes or add templates/fillers)"
             )
-        if sentence.text not in taken:
+        if sentence.text not in taken or 0 < drawn[sentence.text] < repeats.get(sentence.template, 1):
             taken.add(sentence.text)
+            drawn[sentence.text] += 1
             out.append(sentence)
     return out

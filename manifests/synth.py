@@ -131,15 +131,19 @@ class Clip:
 
 def plan_clips(options: SynthOptions) -> list[Clip]:
     """Every clip of the corpus, split by split. Voices and speeds go in turn, so each split holds every
-    (voice, speed) pair about equally often."""
+    (voice, speed) pair about equally often; a text drawn again (sentences.REPEATS) takes the next pair it has
+    not been spoken with."""
     sizes = {"train": options.train_size, "dev": options.dev_size, "test": options.test_size}
-    drawn = draw_sentences(sizes, options.seed)
-    n_voices = len(options.voices)
+    pairs = [(voice, speed) for speed in options.speeds for voice in options.voices]  # voices vary fastest
+    drawn = draw_sentences(sizes, options.seed, max_repeats=len(pairs))
     clips = []
     for split in SPLITS:
+        spoken: dict[str, set[int]] = {}  # a recurring text's (voice, speed) pairs so far
         for i, sentence in enumerate(drawn[split]):
-            voice = options.voices[i % n_voices]
-            speed = options.speeds[(i // n_voices) % len(options.speeds)]
+            used = spoken.setdefault(sentence.text, set())
+            k = next(k for k in range(i, i + len(pairs)) if k % len(pairs) not in used) % len(pairs)
+            used.add(k)
+            voice, speed = pairs[k]
             clips.append(Clip(split, sentence, voice, speed, options.sample_rate))
     return clips
 
@@ -413,8 +417,11 @@ def read_synth_stats(out_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _is_complete(out_dir: Path, options: SynthOptions, whisper_dir: Path | None) -> dict[str, Any] | None:
-    """The stats of a finished corpus made with these options, its clips all present; else None."""
+def _is_complete(
+    out_dir: Path, options: SynthOptions, whisper_dir: Path | None, clips: list[Clip]
+) -> dict[str, Any] | None:
+    """The stats of a finished corpus made with these options and holding exactly the planned `clips` (a newer
+    sentence generator plans other clips from the same options), all present; else None."""
     stats = read_synth_stats(out_dir)
     if stats is None or stats.get("options") != options.identity():
         return None
@@ -424,7 +431,7 @@ def _is_complete(out_dir: Path, options: SynthOptions, whisper_dir: Path | None)
     if not durations.is_file():
         return None
     names = [line.split("\t", 1)[0] for line in durations.read_text(encoding="utf-8").splitlines()[1:]]
-    if not all((out_dir / "clips" / name).is_file() for name in names):
+    if set(names) != {c.name for c in clips} or not all((out_dir / "clips" / name).is_file() for name in names):
         return None
     return stats
 
@@ -476,14 +483,14 @@ def synthesize_corpus(
     synth_stats.json, plus `status`: "synthesized", or "present" when a finished corpus with the same
     options was there already (then nothing is done). `whisper_dir` None skips the WER measurement."""
     out_dir = Path(out_dir)
-    present = _is_complete(out_dir, options, whisper_dir)
+    clips = plan_clips(options)
+    present = _is_complete(out_dir, options, whisper_dir, clips)
     if present is not None:
         return present | {"status": "present"}
     started = time.perf_counter()
     check_voices(options.voices)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STATS).unlink(missing_ok=True)  # a folder being rebuilt must not look finished
-    clips = plan_clips(options)
     clips_dir = out_dir / "clips"
     synth = synthesize_clips(clips, clips_dir, options.workers, progress)
     synth_s = time.perf_counter() - started

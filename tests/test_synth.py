@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from diva.manifests import sentences
 from diva.manifests.importers.base import ImportOptions
 from diva.manifests.prepare import import_corpus
-from diva.manifests.sentences import SPLITS, draw_sentences, region
+from diva.manifests.sentences import REPEATS, SPLITS, draw_sentences, region
 from diva.manifests.synth import STATS, SynthError, SynthOptions, plan_clips, synthesize_corpus
 
 RECENT_HEADER = (
@@ -74,6 +75,23 @@ def test_sentences_are_deterministic_and_held_out() -> None:
     assert all("\t" not in s.text and "\n" not in s.text for split in SPLITS for s in first[split])
 
 
+def test_single_words_and_digits_recur_in_train_in_other_voices() -> None:
+    clips = plan_clips(SynthOptions())  # the demo's corpus: 3 voices x 3 speeds
+    train = [c for c in clips if c.split == "train"]
+    texts = Counter(c.sentence.text for c in train)
+    recurring = {c.sentence.template for c in train if texts[c.sentence.text] > 1}
+    assert recurring and recurring <= set(REPEATS)
+    assert all(texts[c.sentence.text] <= REPEATS[c.sentence.template] for c in train if c.sentence.template in REPEATS)
+    voices = Counter((c.sentence.text, c.voice, c.speed) for c in train)
+    assert max(voices.values()) == 1 and len({c.name for c in clips}) == len(clips)  # each time another voice/speed
+    single = sum(c.sentence.template in ("short.word", "short.digit") for c in train)
+    assert 0.05 < single / len(train) < 0.15, single
+    for split in ("dev", "test"):  # held out: every text once
+        held_out = [c.sentence.text for c in clips if c.split == split]
+        assert len(set(held_out)) == len(held_out)
+    assert not {c.sentence.text for c in train} & {c.sentence.text for c in clips if c.split != "train"}
+
+
 def test_held_out_splits_do_not_change_with_the_train_size() -> None:
     small = draw_sentences({"train": 10, "dev": 20, "test": 20}, seed=3)
     large = draw_sentences({"train": 500, "dev": 20, "test": 20}, seed=3)
@@ -124,7 +142,7 @@ def test_no_sentence_or_combination_crosses_splits(corpus: tuple[Path, dict]) ->
     out_dir, _ = corpus
     sentences = {split: [r["sentence"] for r in _rows(out_dir / f"{split}.tsv")] for split in SPLITS}
     sets = {split: set(v) for split, v in sentences.items()}
-    assert sum(len(s) for s in sets.values()) == 50  # no sentence twice, in a split or across splits
+    assert sum(len(s) for s in sets.values()) == sum(len(v) for v in sentences.values())  # no text twice (seed 0)
     utterances = _utterances(out_dir)
     assert {split: [u["sentence"] for u in utterances if u["split"] == split] for split in SPLITS} == sentences
     combos = {
@@ -148,6 +166,19 @@ def test_a_second_run_does_nothing(corpus: tuple[Path, dict], whisper_tiny_en: P
     assert again["status"] == "present" and messages == []
     assert {p: p.stat().st_mtime_ns for p in out_dir.rglob("*")} == before
     assert {k: v for k, v in again.items() if k != "status"} == {k: v for k, v in stats.items() if k != "status"}
+
+
+def test_a_changed_sentence_plan_is_synthesized_again(
+    corpus: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = tmp_path / "en"
+    shutil.copytree(corpus[0], copy)
+    monkeypatch.setitem(sentences.BOOST, "short.word", 500.0)  # a newer generator, the same options
+    planned = plan_clips(SMALL)
+    assert {c.name for c in planned} != {u["path"] for u in _utterances(copy)}
+    stats = synthesize_corpus(copy, SMALL, whisper_dir=None)
+    assert stats["status"] == "synthesized" and stats["clips"]["synthesized"] > 0
+    assert [(c.name, c.sentence.text) for c in planned] == [(u["path"], u["sentence"]) for u in _utterances(copy)]
 
 
 def test_an_interrupted_run_resumes(corpus: tuple[Path, dict], tmp_path: Path) -> None:
