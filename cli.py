@@ -869,10 +869,14 @@ def report_command(
     model_dir = _model_dir(model)
     sets = {"held-out synthetic speech": held_out, **({"real recordings": real} if real is not None else {})}
     with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-        tasks = {name: bar.add_task(name, total=limit) for name in sets}
+        tasks = {name: bar.add_task(name, total=limit, start=False) for name in sets}
+        started: set[str] = set()
         try:
 
             def advance(name: str, done: int, total: int) -> None:
+                if name not in started:  # each set's elapsed time is its own
+                    started.add(name)
+                    bar.start_task(tasks[name])
                 bar.update(tasks[name], completed=done)
 
             path, report, built = build_report(

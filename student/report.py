@@ -198,6 +198,8 @@ def build_report(
     results = {}
     for name, manifest in sets.items():
         each = (lambda done, total, name=name: progress(name, done, total)) if progress else None
+        if each is not None:
+            each(0, limit)  # the set starts: its clock starts here, not when the first set did
         result = evaluate_answers(run_dir, manifest, limit, batch_size, max_new_tokens, systems, device, each)
         result["verdicts"] = verdicts(result)
         results[name] = result

@@ -22,6 +22,7 @@ from diva.student.checkpoint import load_pretrained, load_processors
 from diva.student.evaluate import blind_partners, length_batches, render_markdown
 from diva.student.features import log_mel
 from diva.student.generate import generate
+from diva.student.report import build_report
 from diva.teacher_cache.backends.hf import HFTeacher
 from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
 from diva.tests.test_train import _build, _clips
@@ -196,6 +197,12 @@ def test_report_writes_tables_verdicts_and_curves_once(run: dict) -> None:
     assert "student better on every metric than floor" in result.output
     again = _invoke(args)  # nothing changed: nothing recomputed
     assert "up to date" in again.output
+
+    calls: list[tuple[str, int, int]] = []  # each set reports its start (0 rows done) before its first batch
+    sets = {"first": run["manifest"], "second": run["manifest"]}
+    build_report(run["dir"], sets, 4, 2, MAX_NEW, ("student",), "cpu", force=True, progress=lambda *c: calls.append(c))
+    assert calls == [("first", 0, 4), ("first", 2, 4), ("first", 4, 4), ("second", 0, 4), ("second", 2, 4),
+                     ("second", 4, 4)]  # fmt: skip
 
 
 def test_ask_answers_a_spoken_question_twice(run: dict, loaded) -> None:
