@@ -767,7 +767,7 @@ def eval_command(
     ],
     model: ModelOpt = None,
     limit: Annotated[int, typer.Option("--limit", help="Score at most this many rows with a transcript.")] = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together, shortest clips first.")] = 8,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Greedy answers compared up to this many tokens.")
     ] = 32,
@@ -849,7 +849,7 @@ def report_command(
         typer.Option("--real", help="A second manifest of real recordings, scored the same way.", show_default=False),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", help="Score at most this many rows with a transcript per set.")] = 48,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together, shortest clips first.")] = 8,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Greedy answers compared up to this many tokens.")
     ] = 32,
@@ -870,12 +870,10 @@ def report_command(
     sets = {"held-out synthetic speech": held_out, **({"real recordings": real} if real is not None else {})}
     with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         tasks = {name: bar.add_task(name, total=limit, start=False) for name in sets}
-        started: set[str] = set()
         try:
 
             def advance(name: str, done: int, total: int) -> None:
-                if name not in started:  # each set's elapsed time is its own
-                    started.add(name)
+                if done == 0:  # the set starts (build_report says so): each set's elapsed time is its own
                     bar.start_task(tasks[name])
                 bar.update(tasks[name], completed=done)
 

@@ -141,7 +141,9 @@ def plan_clips(options: SynthOptions) -> list[Clip]:
         spoken: dict[str, set[int]] = {}  # a recurring text's (voice, speed) pairs so far
         for i, sentence in enumerate(drawn[split]):
             used = spoken.setdefault(sentence.text, set())
-            k = next(k for k in range(i, i + len(pairs)) if k % len(pairs) not in used) % len(pairs)
+            k = i % len(pairs)
+            while k in used:  # draw_sentences caps the recurrences at len(pairs), so a free pair exists
+                k = (k + 1) % len(pairs)
             used.add(k)
             voice, speed = pairs[k]
             clips.append(Clip(split, sentence, voice, speed, options.sample_rate))
