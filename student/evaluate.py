@@ -4,7 +4,9 @@
     student   [embed(prefix), audio tokens of the clip, embed(suffix)]
     blind     the student fed ANOTHER row's audio (a seeded random pairing over all the scored rows, never a row
               with itself: in a sorted manifest neighbours share a speaker or a kind of utterance, so the batch
-              rolled by one would be a weak control): what the prompt alone explains
+              rolled by one would be a weak control): what the prompt alone explains. The student's h and answer
+              for a clip do not depend on which row's transcript they are scored against, so the control re-scores
+              the student's own outputs for row partner[i] against row i's teacher: no second decoding pass
     cascade   [prefix, Whisper's own greedy transcript, suffix]   (Whisper decoder from the student's Whisper folder)
     floor     the UNTRAINED student (fresh adapter and projection, seed 0): where training started
 
@@ -199,8 +201,11 @@ def evaluate_answers(
             sums[name][key] = sums[name].get(key, 0.0) + value
 
     scored = list(scored_rows(Path(manifest_dir), limit, counts))
-    partner = blind_partners(len(scored))
-    answered: list[dict[str, Any] | None] = [None] * len(scored)
+    answered: dict[int, dict[str, Any]] = {}  # position in `scored` -> that row's answers as text
+    # Per row, what the blind control needs once every row is decoded: the teacher's h_T and answer for this
+    # row's transcript, and the student's h and answer for this row's audio.
+    targets: dict[int, tuple[torch.Tensor, list[int]]] = {}
+    listened: dict[int, tuple[torch.Tensor, list[int]]] = {}
     for batch_pos in length_batches([utt.duration_s for _, utt in scored], batch_size):
         batch = [scored[i] for i in batch_pos]
         utts = [utt for _, utt in batch]
@@ -211,17 +216,12 @@ def evaluate_answers(
         answers: dict[str, list[list[int]]] = {"teacher": teacher}
         if {"student", "blind"} & set(systems):
             rows = audio_rows(student, audios, student.prefix_ids, student.suffix_ids, feature_extractor, trim)
+            h, heard_answers = run_rows(student, rows, stop_ids, max_new_tokens)
             if "student" in systems:
-                h, answers["student"] = run_rows(student, rows, stop_ids, max_new_tokens)
-                add("student", h, answers["student"], h_t, teacher)
-            if "blind" in systems:  # row i gets its partner's audio
-                others = [scored[partner[i]] for i in batch_pos]
-                other_audios = [_load(row, utt) for row, utt in others]
-                other_rows = audio_rows(student, other_audios, student.prefix_ids, student.suffix_ids,
-                                        feature_extractor, trim)  # fmt: skip
-                h, answers["blind"] = run_rows(student, other_rows, stop_ids, max_new_tokens)
-                add("blind", h, answers["blind"], h_t, teacher)
-                same_text += sum(a == utt.text for a, (_, utt) in zip(texts, others, strict=True))
+                answers["student"] = heard_answers
+                add("student", h, heard_answers, h_t, teacher)
+            for i, pos in enumerate(batch_pos):
+                targets[pos], listened[pos] = (h_t[i], teacher[i]), (h[i], heard_answers[i])
         if floor is not None:
             rows = audio_rows(floor, audios, floor.prefix_ids, floor.suffix_ids, feature_extractor, trim)
             h, answers["floor"] = run_rows(floor, rows, stop_ids, max_new_tokens)
@@ -247,6 +247,19 @@ def evaluate_answers(
         if progress is not None:
             progress(done, limit)
 
+    if "blind" in systems:  # row i fed row partner[i]'s audio: the student's h and answer for that audio
+        partner = blind_partners(len(scored))
+        for start in range(0, len(scored), batch_size):
+            chunk = range(start, min(start + batch_size, len(scored)))
+            own = [targets[i] for i in chunk]
+            borrowed = [listened[partner[i]] for i in chunk]
+            h_t = torch.stack([t[0] for t in own])
+            h = torch.stack([b[0] for b in borrowed])
+            add("blind", h, [b[1] for b in borrowed], h_t, [t[1] for t in own])
+        for i, example in answered.items():
+            example["blind"] = tokenizer.decode(listened[partner[i]][1], skip_special_tokens=True)
+            same_text += scored[i][1].text == scored[partner[i]][1].text
+
     n = counts["n"]
     if n == 0:
         raise EvalError(f"{manifest_dir}: no row with a transcript to score ({counts['skipped']} without one)")
@@ -266,7 +279,7 @@ def evaluate_answers(
         errors = word_errors(refs, hyps)
         report["cascade_wer"] = errors.wer
         report["cascade_word_errors"] = {"errors": errors.errors, "ref_words": errors.ref_words}
-    rows_out = [example for example in answered if example is not None]
+    rows_out = [answered[i] for i in range(len(scored))]
     report["examples"] = rows_out[:N_EXAMPLES]
     report["rows"] = rows_out  # every scored row: id, transcript, each system's answer (and Whisper's transcript)
     return report

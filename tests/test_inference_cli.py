@@ -166,6 +166,8 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
     partner = blind_partners(4)  # the blind control: each row's h_T against its partner's speech, across batches
     blind = float(torch.nn.functional.cosine_similarity(h_s[partner], h_t, dim=-1).mean())
     assert report["systems"]["blind"]["cosine"] == pytest.approx(blind, abs=1e-4)
+    # and its answer to row i is the student's answer to row partner[i]'s audio (decoded once, scored twice)
+    assert [r["blind"] for r in report["rows"]] == [report["rows"][j]["student"] for j in partner]
 
 
 def test_length_batches_group_the_shortest_rows_first() -> None:
