@@ -864,7 +864,7 @@ def report_command(
     from diva.audio import AudioError
     from diva.manifests.store import ManifestError
     from diva.student.checkpoint import CheckpointError
-    from diva.student.report import build_report
+    from diva.student.report import build_report, verdict_text
 
     model_dir = _model_dir(model)
     sets = {"held-out synthetic speech": held_out, **({"real recordings": real} if real is not None else {})}
@@ -883,10 +883,11 @@ def report_command(
         except (AudioError, CheckpointError, ManifestError, ValueError) as e:
             raise _fail(str(e)) from e
     for name, result in report["sets"].items():
-        verdict = result["verdicts"]
-        beats = ", ".join(f"{ref}: {'yes' if verdict[f'beats_{ref}']['all'] else 'NO'}"
-                          for ref in ("floor", "blind") if f"beats_{ref}" in verdict)  # fmt: skip
-        out.print(f"{name} (n={result['n']}): student better on every metric than {beats}")
+        out.print(f"{name} (n={result['n']}):")
+        for ref in ("floor", "blind"):
+            if f"beats_{ref}" in result["verdicts"]:
+                said = verdict_text(result["verdicts"][f"beats_{ref}"]["per_metric"])
+                out.print(f"  student better than {ref}: {said}")
     out.print(f"report: {path}" + ("" if built else " (up to date: nothing to do)"))
 
 

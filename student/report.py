@@ -67,6 +67,16 @@ def verdicts(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def verdict_text(per_metric: dict[str, str]) -> str:
+    """`yes, on every metric`, or `NO: ` and the metrics where the student is worse or tied (a tie is not better)."""
+    worse = [k for k, r in per_metric.items() if r == "worse"]
+    ties = [k for k, r in per_metric.items() if r == "tie"]
+    if not worse + ties:
+        return "yes, on every metric"
+    parts = [f"{how} on {', '.join(keys)}" for how, keys in (("worse", worse), ("tied", ties)) if keys]
+    return "NO: " + "; ".join(parts)
+
+
 def read_curves(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The train and eval records of a run's metrics.jsonl."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -137,25 +147,7 @@ def render_report(report: dict[str, Any]) -> str:
         v = result["verdicts"]
         for ref in ("floor", "blind"):
             if f"beats_{ref}" in v:
-                per_metric = v[f"beats_{ref}"]["per_metric"]
-                worse = [k for k, r in per_metric.items() if r == "worse"]
-                ties = [k for k, r in per_metric.items() if r == "tie"]
-                said = (
-                    "yes, on every metric"
-                    if not worse + ties
-                    else (
-                        "NO: "
-                        + "; ".join(
-                            part
-                            for part in (
-                                f"worse on {', '.join(worse)}" if worse else "",
-                                f"tied on {', '.join(ties)}" if ties else "",
-                            )
-                            if part
-                        )
-                    )
-                )
-                lines.append(f"- student better than {ref}: {said}")
+                lines.append(f"- student better than {ref}: {verdict_text(v[f'beats_{ref}']['per_metric'])}")
         gaps = v["gap_closed"]
         if any(g is not None for g in gaps.values()):
             lines.append("- share of the floor-to-cascade gap the student closes: "

@@ -196,7 +196,9 @@ def test_report_writes_tables_verdicts_and_curves_once(run: dict) -> None:
     markdown = (run["dir"] / "report.md").read_text()
     assert "| student | " in markdown and "student better than blind" in markdown and "n = 4 rows" in markdown
     assert (run["dir"] / "curves_train.png").read_bytes()[:4] == b"\x89PNG" and "curves_train.png" in markdown
-    assert "student better on every metric than floor" in result.output
+    for ref in ("floor", "blind"):  # the CLI says what the report says, reasons included
+        said = next(line for line in markdown.splitlines() if line.startswith(f"- student better than {ref}: "))
+        assert f"  student better than {ref}: {said.split(': ', 1)[1]}" in result.output
     again = _invoke(args)  # nothing changed: nothing recomputed
     assert "up to date" in again.output
 
@@ -260,7 +262,7 @@ def test_answer_scores_count_identical_answers_and_shared_prefixes() -> None:
 
 
 def test_verdicts_tell_better_tied_and_worse_apart() -> None:
-    from diva.student.report import verdicts
+    from diva.student.report import verdict_text, verdicts
 
     def metrics(cosine, top1, kl, identical):
         return {"cosine": cosine, "top1_agree": top1, "kl": kl, "identical": identical, "prefix_tokens": top1,
@@ -271,4 +273,8 @@ def test_verdicts_tell_better_tied_and_worse_apart() -> None:
     v = verdicts({"systems": systems})
     assert v["beats_blind"]["per_metric"]["kl"] == "better" and v["beats_blind"]["per_metric"]["top1_agree"] == "worse"
     assert v["beats_floor"]["per_metric"]["identical"] == "tie" and not v["beats_floor"]["all"]
+    assert verdict_text(v["beats_floor"]["per_metric"]) == "NO: tied on identical"
+    worse_and_tied = "NO: worse on top1_agree, prefix_tokens, prefix_frac; tied on identical"
+    assert verdict_text(v["beats_blind"]["per_metric"]) == worse_and_tied
+    assert verdict_text({"cosine": "better", "kl": "better"}) == "yes, on every metric"
     assert v["gap_closed"]["cosine"] == pytest.approx(2 / 3) and v["gap_closed"]["kl"] == pytest.approx(1 / 1.4)
