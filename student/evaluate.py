@@ -220,8 +220,9 @@ def evaluate_answers(
             if "student" in systems:
                 answers["student"] = heard_answers
                 add("student", h, heard_answers, h_t, teacher)
-            for i, pos in enumerate(batch_pos):
-                targets[pos], listened[pos] = (h_t[i], teacher[i]), (h[i], heard_answers[i])
+            if "blind" in systems:
+                for i, pos in enumerate(batch_pos):
+                    targets[pos], listened[pos] = (h_t[i], teacher[i]), (h[i], heard_answers[i])
         if floor is not None:
             rows = audio_rows(floor, audios, floor.prefix_ids, floor.suffix_ids, feature_extractor, trim)
             h, answers["floor"] = run_rows(floor, rows, stop_ids, max_new_tokens)

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from diva.audio import load_audio
-from diva.cli import app
 from diva.student.checkpoint import load_pretrained, load_processors
 from diva.student.features import log_mel
 from diva.teacher_cache.read import open_table
-from diva.tests.test_train import _build, _clips
+from diva.tests.test_inference_cli import _invoke
+from diva.tests.test_train import _build, _clips, _records
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,17 +33,6 @@ pytestmark = [
 
 
 ON_GPU = ("runtime.device=cuda", "runtime.dtype=auto")  # auto: bf16 where the GPU has it, as a user's run gets
-
-
-def _invoke(args: list[str]):
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _records(run_dir: Path, split: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +59,12 @@ def gpu(speech_dir: Path, tiny_whisper: Path, tiny_llama: Path, tmp_path_factory
 
 
 def _train_args(gpu: dict, out: Path, steps: int, *extra: str) -> list[str]:
+    on_gpu = [arg for setting in ON_GPU for arg in ("--set", setting)]
     return ["train", "--cache", str(gpu["train"]), "--eval-cache", str(gpu["eval"]), "--out", str(out), "-c", "tiny",
             "--set", f"models.whisper={gpu['whisper']}", "--set", f"models.llm={gpu['llm']}",
             "--set", f"train.steps={steps}", "--set", "train.batch_size=4", "--set", "train.lr=3e-3",
             "--set", "train.eval_every=4", "--set", "train.checkpoint_every=4", "--set", "student.num_queries=8",
-            "--set", "student.long_text=truncate", "--set", "runtime.device=cuda", "--set", "runtime.dtype=auto",
-            *extra]  # fmt: skip
+            "--set", "student.long_text=truncate", *on_gpu, *extra]  # fmt: skip
 
 
 def test_cache_built_on_the_gpu_matches_the_cpu_build(gpu: dict) -> None:
