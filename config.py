@@ -90,11 +90,28 @@ class CacheConfig:
     date_string: str | None = doc(
         "Pins the date for chat templates that print one (Llama 3.1/3.2), e.g. '26 Jul 2024'.", default=None
     )
+    answer_tokens: int = doc(
+        "Whole-answer targets: the teacher also generates its greedy answer to each transcript, up to this many "
+        "tokens, stopping at the LLM's end of turn (the stop token is kept), stored as answer_ids and answer_text. "
+        "0: no answers (the DiVA losses need none).",
+        default=0,
+    )
+    answer_targets: Literal["ids", "hidden", "topk"] = doc(
+        "What is stored along the answer, teacher-forced on prompt + answer[:-1] (target k is where answer token k "
+        "is predicted; k = 0 is the suffix's last position, h_T). ids: the answer ids only (hard targets, the "
+        "student.answer_loss=ce baseline). hidden: the final hidden state (K x d) at every target position (Lemma 1 "
+        "position by position; needs the student's LLM = the teacher). topk: the answer_topk largest next-token "
+        "log-probs and their ids at every target position (sparse KL; any teacher sharing the tokenizer).",
+        default="hidden",
+    )
+    answer_topk: int = doc("With answer_targets=topk: next-token log-probs kept per answer position.", default=32)
 
     def __post_init__(self) -> None:
-        for name in ("shard_size", "batch_size", "max_text_tokens"):
+        for name in ("shard_size", "batch_size", "max_text_tokens", "answer_topk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cache.{name} must be >= 1, got {getattr(self, name)}")
+        if self.answer_tokens < 0:
+            raise ConfigError(f"cache.answer_tokens must be >= 0, got {self.answer_tokens}")
 
 
 @dataclass
@@ -146,6 +163,21 @@ class StudentConfig:
         "RMS estimated from its parameters): the first audio tokens look like token embeddings, not outliers.",
         default="default",
     )
+    answer_weight: float = doc(
+        "Weight of the whole-answer term (needs a cache built with cache.answer_tokens > 0): the student's input "
+        "becomes embed(prefix) + audio tokens + embed(suffix) + embed(answer[:-1]) of the teacher's cached answer, "
+        "and ONE forward scores the suffix's last position and every answer position against the cache's targets "
+        "(answer_loss), averaged over the answer tokens of the batch. 0: off (DiVA's losses alone, unchanged).",
+        default=0.0,
+    )
+    answer_loss: Literal["l2", "kl", "ce"] = doc(
+        "The whole-answer loss. l2: ||h_S - h_T||_2 at every answer position (cache.answer_targets=hidden). kl: "
+        "KL(teacher || student) over the teacher's top-k next tokens at temperature answer_temperature, times T^2 "
+        "(cache.answer_targets=topk; Ultravox's loss, sparse). ce: cross-entropy on the teacher's answer ids (any "
+        "answer cache; BLSP's hard targets).",
+        default="l2",
+    )
+    answer_temperature: float = doc("answer_loss=kl: the distillation temperature (Ultravox: 2).", default=2.0)
     xopd_weight: float = doc(
         "Weight of the X-OPD term (METHOD.md section 3, cross-modal on-policy distillation): the student answers "
         "each utterance's speech (xopd_tokens tokens, no gradient), the frozen LLM scores that answer given the "
@@ -178,14 +210,20 @@ class StudentConfig:
             "align_weight": self.align_weight,
             "kl_weight": self.kl_weight,
             "xopd_weight": self.xopd_weight,
+            "answer_weight": self.answer_weight,
         }
         for name, value in weights.items():
             if value < 0:
                 raise ConfigError(f"student.{name} must be >= 0, got {value}")
         if not any(weights.values()):
             raise ConfigError(
-                "student: distill_weight, align_weight, kl_weight and xopd_weight are all 0; nothing would train"
+                "student: distill_weight, align_weight, kl_weight, xopd_weight and answer_weight are all 0; nothing "
+                "would train"
             )
+        if self.answer_loss not in ("l2", "kl", "ce"):
+            raise ConfigError(f"student.answer_loss must be l2, kl or ce, got {self.answer_loss!r}")
+        if not self.answer_temperature > 0:
+            raise ConfigError(f"student.answer_temperature must be > 0, got {self.answer_temperature}")
         if self.xopd_tokens < 1 or self.xopd_rollouts < 1 or not self.xopd_temperature > 0:
             raise ConfigError(
                 "student.xopd_tokens and student.xopd_rollouts must be >= 1 and student.xopd_temperature > 0, got "

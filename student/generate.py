@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from diva.teacher_cache.prompt import (
     PromptError,
     PromptSpec,
     check_date_independent,
+    eos_token_ids,  # the teacher cache's stop ids; re-exported here for inference
     template_source,
 )
 
@@ -91,23 +91,6 @@ def split_chunks(audio: np.ndarray, chunk_samples: int = CHUNK_SAMPLES) -> list[
 def num_chunks(num_samples: int, chunk_samples: int = CHUNK_SAMPLES) -> int:
     """How many 30 s chunks a clip of `num_samples` is encoded in."""
     return max(1, math.ceil(num_samples / chunk_samples))
-
-
-def eos_token_ids(llm_dir: str | Path, tokenizer: Any | None = None) -> list[int]:
-    """The LLM's stop ids: generation_config.eos_token_id (an int or a list), plus the tokenizer's eos."""
-    from transformers import GenerationConfig
-
-    ids: list[int] = []
-    try:
-        eos = GenerationConfig.from_pretrained(llm_dir).eos_token_id
-    except OSError:  # no generation_config.json: the tokenizer's eos only
-        eos = None
-    ids += [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(int(tokenizer.eos_token_id))
-    if not ids:
-        raise ValueError(f"{llm_dir}: no eos id in generation_config.json or the tokenizer; pass eos_ids")
-    return ids
 
 
 # --- audio tokens ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The cache build: run the text teacher once over every transcript of a manifest and write shards.
 
     manifest -> shard plan -> per shard: tokenise, teacher inputs, h_T (one backend call per shard),
-    embeddings lookup, audio bytes -> NNNNN.parquet + NNNNN.tar + NNNNN.json -> index.json (last)
+    embeddings lookup, [answers: greedy generate, then one teacher-forced pass for the targets along them],
+    audio bytes -> NNNNN.parquet + NNNNN.tar + NNNNN.json -> index.json (last)
 
 A killed build re-run skips complete shards and ends byte-identical to an uninterrupted one; with
 `worker`/`workers` independent processes split the plan (shard k belongs to worker k mod n) and whoever
@@ -36,8 +37,8 @@ from diva.teacher_cache.index import (
     write_shared_embeddings,
 )
 from diva.teacher_cache.plan import ShardPlan, count_rows, iter_shards, manifest_sha256
-from diva.teacher_cache.prompt import PromptSpec, build_prompt, teacher_input_ids
-from diva.teacher_cache.write import TeacherRow, shard_is_complete, to_stored, write_shard
+from diva.teacher_cache.prompt import PromptSpec, build_prompt, eos_token_ids, teacher_input_ids
+from diva.teacher_cache.write import Answer, TeacherRow, logprob_dtype, shard_is_complete, to_stored, write_shard
 
 FAULT_ENV = "DIVA_CACHE_FAULT"  # "after_shard:K", "mid_shard:K" or "before_index": die there (tests)
 
@@ -81,10 +82,29 @@ def _segment_bytes(utt: Utterance) -> tuple[bytes, str, float]:
 
 
 class ShardBuilder:
-    """Turns the rows of one shard into TeacherRows (and rejects) with one teacher call."""
+    """Turns the rows of one shard into TeacherRows (and rejects) with one teacher call (three with answers)."""
 
-    def __init__(self, backend, tokenizer, prompt: PromptSpec, table: np.ndarray, cfg: CacheConfig) -> None:
+    def __init__(
+        self, backend, tokenizer, prompt: PromptSpec, table: np.ndarray, cfg: CacheConfig, stop_ids: list[int]
+    ) -> None:
         self.backend, self.tokenizer, self.prompt, self.table, self.cfg = backend, tokenizer, prompt, table, cfg
+        self.stop_ids = stop_ids
+
+    def answers(self, prompts: list[list[int]]) -> list[Answer]:
+        """The teacher's greedy answers to the prompts and the targets along them (cache.answer_targets)."""
+        cfg = self.cfg
+        ids = self.backend.generate(prompts, cfg.answer_tokens, self.stop_ids)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        if cfg.answer_targets == "ids":
+            return [Answer(a, t) for a, t in zip(ids, texts, strict=True)]
+        targets = self.backend.answer_targets(prompts, ids, cfg.answer_targets, cfg.answer_topk)
+        if cfg.answer_targets == "hidden":
+            return [Answer(a, t, hidden=to_stored(np.asarray(x["hidden"], dtype=np.float32), cfg.dtype))
+                    for a, t, x in zip(ids, texts, targets, strict=True)]  # fmt: skip
+        stored = logprob_dtype(cfg.dtype)
+        return [Answer(a, t, topk_ids=np.asarray(x["topk_ids"], dtype=np.int32),
+                       topk_logprobs=to_stored(np.asarray(x["topk_logprobs"], dtype=np.float32), stored))
+                for a, t, x in zip(ids, texts, targets, strict=True)]  # fmt: skip
 
     def build(self, utts: list[Utterance]) -> tuple[list[TeacherRow], list[dict]]:
         rejects: list[dict] = []
@@ -104,9 +124,13 @@ class ShardBuilder:
                     ready.append((utt, ids, *_segment_bytes(utt)))
                 except (OSError, AudioError) as e:
                     reject(utt, "audio_unreadable", f"{utt.audio}: {e} (gone or changed since the manifest?)")
-        hidden = self.backend.final_hidden([teacher_input_ids(self.prompt, ids) for _, ids, *_ in ready])
+        prompts = [teacher_input_ids(self.prompt, ids) for _, ids, *_ in ready]
+        hidden = self.backend.final_hidden(prompts)
+        answers: list[Answer | None] = [None] * len(ready)
+        if self.cfg.answer_tokens and prompts:
+            answers = list(self.answers(prompts))
         rows = []
-        for (utt, ids, audio, ext, offset), h in zip(ready, hidden, strict=True):
+        for (utt, ids, audio, ext, offset), h, answer in zip(ready, hidden, answers, strict=True):
             h_t = to_stored(np.asarray(h, dtype=np.float32), self.cfg.dtype)
             emb = None
             if self.cfg.embeddings == "per_row":
@@ -117,8 +141,17 @@ class ShardBuilder:
             if emb is not None and self.cfg.dtype == "float16" and not np.isfinite(emb).all():
                 reject(utt, "non_finite", "the embeddings overflow float16")
                 continue
-            rows.append(TeacherRow(utt, list(ids), h_t, emb, audio, ext, offset))
+            if answer is not None and not answer_is_finite(answer):
+                reject(utt, "non_finite", f"the answer targets hold NaN or inf (or overflow {self.cfg.dtype})")
+                continue
+            rows.append(TeacherRow(utt, list(ids), h_t, emb, audio, ext, offset, answer))
         return rows, rejects
+
+
+def answer_is_finite(answer: Answer) -> bool:
+    """No NaN or inf in the stored answer targets (float16 overflow included; bfloat16 words are not checked)."""
+    arrays = [a for a in (answer.hidden, answer.topk_logprobs) if a is not None and a.dtype != np.uint16]
+    return all(np.isfinite(a).all() for a in arrays)
 
 
 def _check_plan(out_dir: Path, plan_record: dict[str, Any]) -> None:
@@ -170,12 +203,16 @@ def build_cache(
     from diva.teacher_cache.backends import open_backend
 
     start = time.perf_counter()
+    if cfg.answer_tokens and cfg.backend == "vllm":
+        raise CacheError("cache.answer_tokens > 0 is not implemented in the vllm backend yet; build the answer "
+                         "targets with --set cache.backend=hf (the same targets, the reference backend)")  # fmt: skip
     runtime = runtime or RuntimeConfig()
     out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     prompt = build_prompt(tokenizer, cfg.date_string)
     table = embedding_table(teacher_dir)
-    fingerprint = fingerprint_of(teacher_dir, prompt, cfg, int(table.shape[1]), manifest_sha256(manifest))
+    stop_ids = eos_token_ids(teacher_dir, tokenizer) if cfg.answer_tokens else []
+    fingerprint = fingerprint_of(teacher_dir, prompt, cfg, int(table.shape[1]), manifest_sha256(manifest), stop_ids)
     plan = ShardPlan(rows=count_rows(manifest), shard_size=cfg.shard_size)
     _check_plan(
         out_dir,
@@ -194,7 +231,7 @@ def build_cache(
     if todo:
         backend = open_backend(cfg.backend, teacher_dir, dtype=runtime.dtype, batch_size=cfg.batch_size,
                                device=runtime.device)  # fmt: skip
-        builder = ShardBuilder(backend, tokenizer, prompt, table, cfg)
+        builder = ShardBuilder(backend, tokenizer, prompt, table, cfg, stop_ids)
         try:
             for k, utts in iter_shards(manifest, cfg.shard_size, todo):
                 rows, rejects = builder.build(utts)

@@ -42,10 +42,30 @@ def embedding_table(model_dir: Path) -> np.ndarray:
     raise CacheError(f"{model_dir}: no '*embed_tokens.weight' tensor in the safetensors files")
 
 
+def answer_fingerprint(cfg: CacheConfig, stop_ids: list[int]) -> dict[str, Any]:
+    """The answer settings a cache's targets depend on; empty without answers (so such caches keep the
+    fingerprint they had before answers existed)."""
+    if cfg.answer_tokens == 0:
+        return {}
+    answers = {"answer_tokens": cfg.answer_tokens, "answer_targets": cfg.answer_targets,
+               "answer_stop_ids": list(stop_ids)}  # fmt: skip
+    if cfg.answer_targets == "topk":
+        answers["answer_topk"] = cfg.answer_topk
+    return answers
+
+
 def fingerprint_of(
-    teacher_dir: Path, prompt: PromptSpec, cfg: CacheConfig, hidden_size: int, manifest_sha: str
+    teacher_dir: Path,
+    prompt: PromptSpec,
+    cfg: CacheConfig,
+    hidden_size: int,
+    manifest_sha: str,
+    stop_ids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """What a consumer (the trainer) must match: teacher weights, prompt ids and template, storage, data."""
+    """What a consumer (the trainer) must match: teacher weights, prompt ids and template, storage, data, and the
+    answer settings (`stop_ids`: the teacher's end-of-turn ids, needed when cfg.answer_tokens > 0)."""
+    if cfg.answer_tokens and not stop_ids:
+        raise ValueError("cache.answer_tokens > 0 needs the teacher's stop ids")
     return {
         "format": FORMAT,
         "teacher_weights_sha256": weights_checksum(teacher_dir),
@@ -59,6 +79,7 @@ def fingerprint_of(
         "max_text_tokens": cfg.max_text_tokens,
         "manifest_sha256": manifest_sha,
         "code_version": __version__,
+        **answer_fingerprint(cfg, stop_ids or []),
     }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 PLACEHOLDER = "<<DIVA_TRANSCRIPT_PLACEHOLDER>>"
@@ -108,3 +109,20 @@ def transcript_ids(tokenizer: Any, text: str) -> list[int]:
 def teacher_input_ids(prompt: PromptSpec, text_ids: list[int] | tuple[int, ...]) -> list[int]:
     """The teacher's input: prefix + transcript + suffix. h_T is the final hidden state at the last position."""
     return [*prompt.prefix_ids, *text_ids, *prompt.suffix_ids]
+
+
+def eos_token_ids(llm_dir: str | Path, tokenizer: Any | None = None) -> list[int]:
+    """The LLM's stop ids: generation_config.eos_token_id (an int or a list), plus the tokenizer's eos."""
+    from transformers import GenerationConfig
+
+    ids: list[int] = []
+    try:
+        eos = GenerationConfig.from_pretrained(llm_dir).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's eos only
+        eos = None
+    ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError(f"{llm_dir}: no eos id in generation_config.json or the tokenizer; pass eos_ids")
+    return ids

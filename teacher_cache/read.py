@@ -36,7 +36,8 @@ def load_npy_zst(data: bytes) -> np.ndarray:
 
 def decode_sample(sample: dict[str, Any], dtype: str) -> dict[str, Any]:
     """A raw WebDataset sample -> {"meta", "audio" (bytes), "audio_ext", "h_t" (float32 (d,)), "text_ids" (int32 (N,)),
-    "embeddings" (float32 (N, d)) or absent}."""
+    "embeddings" (float32 (N, d)) or absent; with answers: "answer_ids" (int32 (K,)) and "answer_hidden" (float32
+    (K, d)) or "answer_topk_ids" (int32 (K, k)) + "answer_topk_logprobs" (float32 (K, k)) when stored}."""
     meta = json.loads(sample["json"])
     out = {
         "id": meta["id"],
@@ -48,6 +49,14 @@ def decode_sample(sample: dict[str, Any], dtype: str) -> dict[str, Any]:
     }
     if "emb.npy.zst" in sample:
         out["embeddings"] = from_stored(load_npy_zst(sample["emb.npy.zst"]), dtype)
+    if "answer_ids.npy.zst" in sample:
+        out["answer_ids"] = load_npy_zst(sample["answer_ids.npy.zst"])  # (K,) int32
+    if "answer_hidden.npy.zst" in sample:
+        out["answer_hidden"] = from_stored(load_npy_zst(sample["answer_hidden.npy.zst"]), dtype)  # (K, d)
+    if "answer_topk_ids.npy.zst" in sample:
+        out["answer_topk_ids"] = load_npy_zst(sample["answer_topk_ids.npy.zst"])  # (K, k) int32
+        logprobs = load_npy_zst(sample["answer_topk_logprobs.npy.zst"])
+        out["answer_topk_logprobs"] = np.asarray(logprobs, dtype=np.float32)  # (K, k)
     return out
 
 

@@ -27,6 +27,23 @@ STORED_ARROW = {"float16": pa.float16(), "float32": pa.float32(), "bfloat16": pa
 
 
 @dataclass(frozen=True)
+class Answer:
+    """The teacher's own greedy answer to one transcript and what is stored along it (cache.answer_targets)."""
+
+    ids: list[int]  # K ids, the stop id kept when the answer ended with one
+    text: str  # the decoded answer, special tokens skipped
+    hidden: np.ndarray | None = None  # (K, d) in the stored dtype: row k is where answer token k is predicted
+    topk_ids: np.ndarray | None = None  # (K, k) int32: the k likeliest next tokens at each of those positions
+    topk_logprobs: np.ndarray | None = None  # (K, k) float16 (float32 in a float32 cache): their log-probs
+
+
+def logprob_dtype(dtype: str) -> str:
+    """The stored dtype of top-k log-probs: float32 in a float32 cache, else float16 (a bfloat16 log-prob of -10
+    would be off by 0.06; float16 keeps 1e-3 relative)."""
+    return "float32" if dtype == "float32" else "float16"
+
+
+@dataclass(frozen=True)
 class TeacherRow:
     """Everything the cache stores for one utterance."""
 
@@ -37,6 +54,7 @@ class TeacherRow:
     audio: bytes
     audio_ext: str  # "mp3", "flac", ...
     audio_offset_s: float  # where the utterance starts inside `audio` (0 when a segment was cut out)
+    answer: Answer | None = None  # with cache.answer_tokens > 0
 
 
 def to_stored(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -82,7 +100,19 @@ def sample_json(row: TeacherRow) -> dict[str, Any]:
         "split": utt.split,
         "corpus": utt.corpus,
         "source_audio": utt.audio,
+        **({"answer_text": row.answer.text, "n_answer": len(row.answer.ids)} if row.answer is not None else {}),
     }
+
+
+def answer_members(answer: Answer) -> dict[str, bytes]:
+    """The tar members of an answer: ids, and the hidden states or top-k ids and log-probs when stored."""
+    members = {"answer_ids.npy.zst": npy_zst(np.asarray(answer.ids, dtype=np.int32))}
+    if answer.hidden is not None:
+        members["answer_hidden.npy.zst"] = npy_zst(answer.hidden)
+    if answer.topk_ids is not None and answer.topk_logprobs is not None:
+        members["answer_topk_ids.npy.zst"] = npy_zst(answer.topk_ids)
+        members["answer_topk_logprobs.npy.zst"] = npy_zst(answer.topk_logprobs)
+    return members
 
 
 def write_tar(path: Path, rows: list[TeacherRow]) -> None:
@@ -101,6 +131,8 @@ def write_tar(path: Path, rows: list[TeacherRow]) -> None:
             }
             if row.embeddings is not None:
                 sample["emb.npy.zst"] = npy_zst(row.embeddings)
+            if row.answer is not None:
+                sample.update(answer_members(row.answer))
             writer.write(sample)
         writer.close()
 
@@ -129,12 +161,37 @@ def write_parquet(path: Path, rows: list[TeacherRow], dtype: str, hidden_size: i
         ),
     }
     if rows and rows[0].embeddings is not None:
-        flat = pa.array(np.concatenate([r.embeddings.reshape(-1) for r in rows]), value)
-        vectors = pa.FixedSizeListArray.from_arrays(flat, hidden_size)
-        offsets = pa.array(np.cumsum([0] + [len(r.text_ids) for r in rows]), pa.int32())
-        columns["embeddings"] = pa.ListArray.from_arrays(offsets, vectors)
+        flat = np.concatenate([r.embeddings.reshape(-1) for r in rows])  # type: ignore[union-attr]
+        columns["embeddings"] = nested(flat, value, hidden_size, [len(r.text_ids) for r in rows])
+    if rows and rows[0].answer is not None:
+        columns.update(answer_columns([r.answer for r in rows], dtype, hidden_size))  # type: ignore[misc]
     table = pa.table(columns).replace_schema_metadata({"diva.dtype": dtype})
     pq.write_table(table, path, compression="zstd")
+
+
+def nested(values: np.ndarray, value_type: pa.DataType, width: int, lengths: list[int]) -> pa.Array:
+    """A list<fixed_size_list<value, width>> column: row r holds lengths[r] vectors of `width` values."""
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), value_type), width)
+    return pa.ListArray.from_arrays(pa.array(np.cumsum([0, *lengths]), pa.int32()), vectors)
+
+
+def answer_columns(answers: list[Answer], dtype: str, hidden_size: int) -> dict[str, pa.Array]:
+    """answer_ids, answer_text and, when stored, answer_hidden (K x d) or answer_topk_ids / _logprobs (K x k)."""
+    lengths = [len(a.ids) for a in answers]
+    columns = {
+        "answer_ids": pa.array([a.ids for a in answers], pa.list_(pa.int32())),
+        "answer_text": pa.array([a.text for a in answers], pa.string()),
+    }
+    if answers[0].hidden is not None:
+        flat = np.concatenate([a.hidden for a in answers])  # type: ignore[misc]
+        columns["answer_hidden"] = nested(flat, STORED_ARROW[dtype], hidden_size, lengths)
+    if answers[0].topk_ids is not None:
+        k = answers[0].topk_ids.shape[1]
+        ids = np.concatenate([a.topk_ids for a in answers])  # type: ignore[misc]
+        logprobs = np.concatenate([a.topk_logprobs for a in answers])  # type: ignore[misc]
+        columns["answer_topk_ids"] = nested(ids, pa.int32(), k, lengths)
+        columns["answer_topk_logprobs"] = nested(logprobs, STORED_ARROW[logprob_dtype(dtype)], k, lengths)
+    return columns
 
 
 def sha256_file(path: Path) -> str:

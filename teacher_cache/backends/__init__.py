@@ -1,5 +1,6 @@
 """Teacher backends behind one interface: `final_hidden(batch of token-id lists) -> [d] float32 arrays`,
-the final hidden state (after the final norm, the lm_head input) at each sequence's last position."""
+the final hidden state (after the final norm, the lm_head input) at each sequence's last position; for caches
+with whole-answer targets also `generate` (greedy answers) and `answer_targets` (teacher-forced along them)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,17 @@ class TeacherBackend(Protocol):
 
     def final_hidden(self, batch: list[list[int]]) -> list[np.ndarray]:
         """h_T for each token-id sequence, float32 arrays of shape (hidden_size,), in input order."""
+        ...
+
+    def generate(self, batch: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+        """Greedy answers: up to max_new_tokens ids each, ending at (and keeping) the first stop id."""
+        ...
+
+    def answer_targets(
+        self, prompts: list[list[int]], answers: list[list[int]], kind: str, topk: int = 0
+    ) -> list[dict[str, np.ndarray]]:
+        """Per row, teacher-forced on prompt + answer[:-1], at the K positions predicting answer tokens 0..K-1:
+        {"hidden": (K, d) float32} or {"topk_ids": (K, k) int32, "topk_logprobs": (K, k) float32}."""
         ...
 
     def close(self) -> None: ...

@@ -1,4 +1,8 @@
-"""The transformers teacher: the light default and the reference in parity tests."""
+"""The transformers teacher: the light default and the reference in parity tests.
+
+Besides h_T (`final_hidden`), it gives the whole-answer targets of `cache.answer_tokens`: the teacher's greedy
+answers (`generate`, transformers' own `generate` on left-padded batches) and, teacher-forced along them
+(`answer_targets`), the final hidden states or the top-k next-token log-probs at every answer position."""
 
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ class HFTeacher:
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
-        self.model = model.get_decoder().to(self.device).eval()  # the base model: no lm_head needed
-        self.hidden_size = int(model.config.get_text_config().hidden_size)
+        self.causal_lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        self.model = self.causal_lm.get_decoder()  # the base model: h_T needs no lm_head
+        self.hidden_size = int(self.causal_lm.config.get_text_config().hidden_size)
         self.pad_id = 0
         self.batch_size = batch_size
 
@@ -44,13 +48,76 @@ class HFTeacher:
     def final_hidden(self, batch: list[list[int]]) -> list[np.ndarray]:
         if any(len(ids) == 0 for ids in batch):
             raise ValueError("empty token sequence")
-        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))  # similar lengths pad little
         out: list[np.ndarray | None] = [None] * len(batch)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
+        for chunk in self._batches(batch):
             for i, vector in zip(chunk, self._forward([batch[i] for i in chunk]), strict=True):
                 out[i] = vector
         return out  # type: ignore[return-value]
 
+    def _batches(self, batch: list[list[int]]) -> list[list[int]]:
+        """Positions of `batch` in chunks of batch_size, shortest first (similar lengths pad little)."""
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
+        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+
+    @torch.inference_mode()
+    def generate(self, batch: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+        """Each prompt's greedy answer: up to max_new_tokens ids, ending at (and keeping) the first stop id."""
+        out: list[list[int]] = [[] for _ in batch]
+        for chunk in self._batches(batch):
+            width = max(len(batch[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)  # (B, T) left-padded
+            mask = torch.zeros_like(input_ids)
+            for row, i in enumerate(chunk):
+                input_ids[row, width - len(batch[i]) :] = torch.tensor(batch[i])
+                mask[row, width - len(batch[i]) :] = 1
+            generated = self.causal_lm.generate(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False,
+                max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=self.pad_id,
+                num_beams=1, temperature=None, top_p=None, top_k=None,
+            )[:, width:].tolist()  # fmt: skip
+            for row, i in enumerate(chunk):
+                out[i] = until_stop(generated[row], stop_ids)
+        return out
+
+    @torch.inference_mode()
+    def answer_targets(
+        self, prompts: list[list[int]], answers: list[list[int]], kind: str, topk: int = 0
+    ) -> list[dict[str, np.ndarray]]:
+        """Teacher-forced on prompt + answer[:-1]: at the K positions that predict answer tokens 0..K-1 (the
+        prompt's last position first), the final hidden states {"hidden": (K, d)} or the top-k next-token
+        log-probs {"topk_ids": (K, k) int32, "topk_logprobs": (K, k) float32}, per row, in input order."""
+        if kind not in ("hidden", "topk"):
+            raise ValueError(f"unknown answer target kind {kind!r}; choose hidden or topk")
+        inputs = [[*p, *a[:-1]] for p, a in zip(prompts, answers, strict=True)]
+        out: list[dict[str, np.ndarray]] = [{} for _ in inputs]
+        for chunk in self._batches(inputs):
+            lengths = torch.tensor([len(inputs[i]) for i in chunk])
+            input_ids = torch.full((len(chunk), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, T)
+            for row, i in enumerate(chunk):
+                input_ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
+            mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]  # (B, T) right-padded
+            hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.long().to(self.device)
+                                ).last_hidden_state  # (B, T, d) after the final norm  # fmt: skip
+            for row, i in enumerate(chunk):
+                start, k = len(prompts[i]) - 1, len(answers[i])
+                h = hidden[row, start : start + k]  # (K, d): position start + j predicts answer token j
+                out[i] = {"hidden": h.float().cpu().numpy()} if kind == "hidden" else self._topk(h, topk)
+        return out
+
+    def _topk(self, h: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+        """The k largest next-token log-probs (float32 log-softmax over the whole vocabulary) at each row of h."""
+        logprobs = torch.log_softmax(self.causal_lm.get_output_embeddings()(h).float(), dim=-1)  # (K, vocab)
+        values, ids = logprobs.topk(k, dim=-1)  # (K, k), sorted largest first
+        return {"topk_ids": ids.to(torch.int32).cpu().numpy(), "topk_logprobs": values.cpu().numpy()}
+
     def close(self) -> None:
-        del self.model
+        del self.model, self.causal_lm
+
+
+def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """The ids up to and including the first stop id (all of them when none stops)."""
+    stops = set(stop_ids)
+    for j, token in enumerate(ids):
+        if token in stops:
+            return ids[: j + 1]
+    return ids
