@@ -97,7 +97,8 @@ def test_answers_and_hidden_targets_equal_a_direct_forward(hidden_cache: Path, m
         sample = samples[row["id"]]
         assert sample["answer_ids"].tolist() == row["answer_ids"]
         np.testing.assert_array_equal(sample["answer_hidden"], np.array(row["answer_hidden"], dtype=np.float32))
-        assert sample["meta"]["answer_text"] == row["answer_text"] and sample["meta"]["n_answer"] == len(row["answer_ids"])
+        assert sample["meta"]["answer_text"] == row["answer_text"]
+        assert sample["meta"]["n_answer"] == len(row["answer_ids"])
 
 
 def test_topk_targets_equal_the_teachers_log_softmax(manifest, tiny_llama, model, tmp_path: Path) -> None:
