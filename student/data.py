@@ -3,7 +3,8 @@
     tar shards --(seeded shard permutation, seeded shuffle within each window of `shuffle_shards` shards)--> samples
                --(group by batch_size)--> audio bytes -> 16 kHz waveforms -> log-mel   [DataLoader workers]
                --> frozen encoder                                                       [main process]
-               --> Batch(encoder_out (B, T_enc, d_w), lengths (B,), h_t (B, d), targets [(N_b, d)])
+               --> Batch(encoder_out (B, T_enc, d_w), lengths (B,), h_t (B, d), targets [(N_b, d)],
+                         answers: the teacher's answer ids (B, K) and their targets, when the cache holds them)
 
 A run's place in its data is a `DataPosition` (epoch, samples consumed in that epoch). The order of epoch e is
 fixed by (seed, e) alone, so a resumed run skips exactly the consumed samples: whole shards by the row counts
@@ -98,6 +99,51 @@ class Batch:
     h_t: torch.Tensor  # (B, d_llm) teacher final hidden states, float32
     targets: list[torch.Tensor]  # B tensors (N_b, d_llm): E(t) of each transcript, float32
     text_ids: list[tuple[int, ...]]  # B transcripts as token ids
+    answers: AnswerBatch | None = None  # the teacher's answers and their targets, from a cache with answers
+
+
+@dataclass
+class AnswerBatch:
+    """The teacher's answers of one batch, right-padded to the longest (K), and what the cache stores along them:
+    target k of a row is where its answer token k is predicted (k = 0: the suffix's last position)."""
+
+    ids: torch.Tensor  # (B, K) long, answer ids, 0 past each row's length
+    mask: torch.Tensor  # (B, K) bool, True on each row's own answer tokens
+    hidden: torch.Tensor | None = None  # (B, K, d_llm) float32 teacher final hidden states (answer_targets=hidden)
+    topk_ids: torch.Tensor | None = None  # (B, K, k) long: the teacher's k likeliest next tokens (topk)
+    topk_logprobs: torch.Tensor | None = None  # (B, K, k) float32: their log-probs
+
+    def to(self, device: torch.device) -> AnswerBatch:
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device)
+
+        return AnswerBatch(self.ids.to(device), self.mask.to(device), move(self.hidden), move(self.topk_ids),
+                           move(self.topk_logprobs))  # fmt: skip
+
+
+def pad_rows(rows: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+    """Rows of shape (K_b, ...) stacked into (B, K_max, ...), zero-padded past each row's K_b."""
+    width = max(len(r) for r in rows)
+    out = torch.zeros((len(rows), width, *rows[0].shape[1:]), dtype=dtype)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.from_numpy(np.asarray(row)).to(dtype)
+    return out
+
+
+def answer_batch(samples: list[dict[str, Any]]) -> AnswerBatch | None:
+    """The answers of decoded cache samples (None when the cache holds none)."""
+    if not all("answer_ids" in s for s in samples):
+        return None
+    ids = pad_rows([np.asarray(s["answer_ids"], dtype=np.int64) for s in samples], torch.long)  # (B, K)
+    lengths = torch.tensor([len(s["answer_ids"]) for s in samples])
+    mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]  # (B, K)
+    hidden = topk_ids = topk_logprobs = None
+    if all("answer_hidden" in s for s in samples):
+        hidden = pad_rows([s["answer_hidden"] for s in samples], torch.float32)  # (B, K, d)
+    if all("answer_topk_ids" in s for s in samples):
+        topk_ids = pad_rows([s["answer_topk_ids"] for s in samples], torch.long)  # (B, K, k)
+        topk_logprobs = pad_rows([s["answer_topk_logprobs"] for s in samples], torch.float32)  # (B, K, k)
+    return AnswerBatch(ids, mask, hidden, topk_ids, topk_logprobs)
 
 
 # --- order --------------------------------------------------------------------------------------------
@@ -331,17 +377,51 @@ def alignment_targets(samples: list[dict[str, Any]], student: DiVAStudent) -> li
     return targets
 
 
-class OnlineTeacher:
-    """The online-teacher mode: h_T recomputed inside the step by the transformers teacher, from exactly the
-    teacher input the cache build uses (`teacher_input_ids`), instead of read from the cache."""
+@dataclass(frozen=True)
+class AnswerSpec:
+    """The answer settings of a cache's fingerprint (what the online teacher recomputes)."""
 
-    def __init__(self, teacher: Any, prompt: PromptSpec) -> None:
+    tokens: int
+    targets: str  # ids, hidden or topk
+    topk: int
+    stop_ids: tuple[int, ...]
+
+    @classmethod
+    def from_fingerprint(cls, fingerprint: dict[str, Any]) -> AnswerSpec | None:
+        if not fingerprint.get("answer_tokens"):
+            return None
+        return cls(int(fingerprint["answer_tokens"]), str(fingerprint["answer_targets"]),
+                   int(fingerprint.get("answer_topk", 0)), tuple(fingerprint["answer_stop_ids"]))  # fmt: skip
+
+
+class OnlineTeacher:
+    """The online-teacher mode: h_T (and with `answers`, the teacher's answers and their targets) recomputed inside
+    the step by the transformers teacher, from exactly the teacher input the cache build uses (`teacher_input_ids`),
+    instead of read from the cache."""
+
+    def __init__(self, teacher: Any, prompt: PromptSpec, answers: AnswerSpec | None = None) -> None:
         self.teacher, self.prompt = teacher, prompt  # teacher: anything with final_hidden (e.g. HFTeacher)
+        self.answers = answers
 
     def __call__(self, text_ids: list[tuple[int, ...]]) -> torch.Tensor:
         """h_T of each transcript (B, d_llm), float32 on the CPU."""
         hidden = self.teacher.final_hidden([teacher_input_ids(self.prompt, ids) for ids in text_ids])
         return torch.from_numpy(np.stack(hidden).astype(np.float32))
+
+    def answer_batch(self, text_ids: list[tuple[int, ...]]) -> AnswerBatch | None:
+        """The teacher's answers and their targets, as a cache built with the same settings stores them (before
+        the storage dtype's rounding)."""
+        spec = self.answers
+        if spec is None:
+            return None
+        prompts = [teacher_input_ids(self.prompt, ids) for ids in text_ids]
+        ids = self.teacher.generate(prompts, spec.tokens, list(spec.stop_ids))
+        rows: list[dict[str, Any]] = [{"answer_ids": np.asarray(a, dtype=np.int64)} for a in ids]
+        if spec.targets != "ids":
+            for row, targets in zip(rows, self.teacher.answer_targets(prompts, ids, spec.targets, spec.topk),
+                                    strict=True):  # fmt: skip
+                row.update({f"answer_{k}": v for k, v in targets.items()})
+        return answer_batch(rows)
 
 
 def make_batch(
@@ -359,7 +439,9 @@ def make_batch(
     else:
         h_t = teacher(text_ids)  # (B, d_llm)
     targets = [t.to(device) for t in alignment_targets(samples, encoder.student)]
-    return Batch([s["id"] for s in samples], encoder_out, lengths.to(device), h_t.to(device), targets, text_ids)
+    answers = answer_batch(samples) if teacher is None else teacher.answer_batch(text_ids)
+    return Batch([s["id"] for s in samples], encoder_out, lengths.to(device), h_t.to(device), targets, text_ids,
+                 None if answers is None else answers.to(device))  # fmt: skip
 
 
 def mean_h_t(cache_dir: Path) -> torch.Tensor:

@@ -36,6 +36,7 @@ class StudentOutput:
     h_s: torch.Tensor  # (B, d_llm) final hidden state at the last suffix position
     audio_tokens: torch.Tensor  # (B, Q, d_llm) the projected adapter outputs v, before any cast to the LLM dtype
     logits_last: torch.Tensor | None = None  # (B, vocab) lm_head(h_s), only when asked for
+    answer_hidden: torch.Tensor | None = None  # (B, K, d_llm) with answer_ids: where answer token k is predicted
 
 
 # --- masks ------------------------------------------------------------------------------------------
@@ -371,7 +372,7 @@ class DiVAStudent(nn.Module):
             prompt.prefix_ids,
             prompt.suffix_ids,
             reuse_prefix_kv=cfg.reuse_prefix_kv,
-            keep_lm_head=cfg.kl_weight > 0 or cfg.xopd_weight > 0 if keep_lm_head is None else keep_lm_head,
+            keep_lm_head=needs_lm_head(cfg) if keep_lm_head is None else keep_lm_head,
         )
 
     def train(self, mode: bool = True) -> DiVAStudent:
@@ -464,10 +465,14 @@ class DiVAStudent(nn.Module):
         encoder_out: torch.Tensor | None = None,
         encoder_lengths: torch.Tensor | None = None,
         return_logits: bool = False,
+        answer_ids: torch.Tensor | None = None,
     ) -> StudentOutput:
         """Student pass from mel features (+ mel frames per item) or from cached encoder outputs (+ their lengths).
 
         Lengths (frames or encoder_lengths) mask each item's padding; None attends to every frame (the paper).
+        With `answer_ids` (B, K), the teacher's answers, the LLM also reads embed(answer[:-1]) after the suffix (one
+        forward) and `answer_hidden` (B, K, d_llm) holds the final hidden states that predict answer tokens 0..K-1;
+        h_s is its first row. Rows padded past their answer only change positions after their own (causal).
         """
         if (features is None) == (encoder_out is None):
             raise ValueError("give exactly one of features or encoder_out")
@@ -477,18 +482,28 @@ class DiVAStudent(nn.Module):
         if encoder_lengths is not None:
             encoder_lengths = encoder_lengths.to(encoder_out.device)
         v = self.audio_tokens(encoder_out, encoder_lengths)  # (B, Q, d_llm)
-        h_s = self.last_hidden(v)  # (B, d_llm)
+        answer_hidden = None
+        if answer_ids is None:
+            h_s = self.last_hidden(v)  # (B, d_llm)
+        else:
+            answer_hidden = self.answer_hidden(v, answer_ids[:, :-1])  # (B, K, d_llm)
+            h_s = answer_hidden[:, 0]  # (B, d_llm)
         logits = None
         if return_logits:
             if self.lm_head is None:
                 raise ValueError("this student was built without the lm_head (keep_lm_head=False)")
             logits = self.lm_head(h_s)  # (B, vocab)
-        return StudentOutput(h_s=h_s, audio_tokens=v, logits_last=logits)
+        return StudentOutput(h_s=h_s, audio_tokens=v, logits_last=logits, answer_hidden=answer_hidden)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the parameters that train (queries, adapter, projection): what a checkpoint needs to hold."""
         names = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
+
+
+def needs_lm_head(cfg: StudentConfig) -> bool:
+    """Whether a loss of `cfg` reads next-token probabilities (the frozen lm_head) rather than hidden states."""
+    return cfg.kl_weight > 0 or cfg.xopd_weight > 0 or (cfg.answer_weight > 0 and cfg.answer_loss in ("kl", "ce"))
 
 
 def trainable_parameter_count(model: nn.Module) -> int:

@@ -69,6 +69,7 @@ from diva.runtime import resolve_device, resolve_dtype
 from diva.student import distributed
 from diva.student.checkpoint import init_from_trained
 from diva.student.data import (
+    AnswerSpec,
     Batch,
     DataPosition,
     EncoderOutputs,
@@ -316,8 +317,9 @@ def train_step(
     lr = schedule.get_last_lr()[0]
     for _ in range(cfg.grad_accum):
         batch, position = next(batches)
-        out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths)
-        loss = combined_loss(out, batch.h_t, batch.targets, student_cfg, student.lm_head)
+        answer_ids = batch.answers.ids if student_cfg.answer_weight > 0 and batch.answers is not None else None
+        out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths, answer_ids=answer_ids)
+        loss = combined_loss(out, batch.h_t, batch.targets, student_cfg, student.lm_head, batch.answers)
         if xopd is not None:
             loss.parts["xopd"], stats = xopd(student, out.audio_tokens, batch.text_ids, student_cfg)
             loss.total = loss.total + student_cfg.xopd_weight * loss.parts["xopd"]
@@ -450,13 +452,37 @@ def open_cache(cache_dir: Path, llm_checksum: str) -> dict[str, Any]:
 
 
 STUDENT_FINGERPRINT = ("teacher_weights_sha256", "prefix_ids", "suffix_ids", "dtype", "hidden_size")
+ANSWER_FINGERPRINT = ("answer_tokens", "answer_targets", "answer_topk", "answer_stop_ids")
+ANSWER_TARGETS_FOR = {"l2": ("hidden",), "kl": ("topk",), "ce": ("ids", "hidden", "topk")}
+
+
+def check_answers(indexes: dict[Path, dict[str, Any]], student_cfg: StudentConfig, online: bool) -> None:
+    """Refuse training caches that lack the answer targets student.answer_loss reads (answer_weight > 0)."""
+    if student_cfg.answer_weight == 0:
+        return
+    wanted = ANSWER_TARGETS_FOR[student_cfg.answer_loss]
+    for cache_dir, index in indexes.items():
+        fingerprint = index["fingerprint"]
+        if not fingerprint.get("answer_tokens"):
+            raise CacheError(
+                f"{cache_dir} holds no teacher answers, which student.answer_weight > 0 trains on; rebuild it with "
+                f"--set cache.answer_tokens=32 --set cache.answer_targets={wanted[0]}"
+                + (" (the online teacher recomputes what the cache's answer settings say)" if online else "")
+            )
+        if fingerprint["answer_targets"] not in wanted:
+            raise CacheError(
+                f"{cache_dir} stores answer targets '{fingerprint['answer_targets']}', but student.answer_loss="
+                f"{student_cfg.answer_loss} needs {' or '.join(wanted)}; rebuild it with --set "
+                f"cache.answer_targets={wanted[0]}, or choose another answer_loss"
+            )
 
 
 def check_mixable(indexes: dict[Path, dict[str, Any]]) -> None:
     """Refuse training caches that disagree on a fingerprint field the student depends on."""
     (first, reference), *rest = indexes.items()
     for cache_dir, index in rest:
-        differ = [k for k in STUDENT_FINGERPRINT if index["fingerprint"].get(k) != reference["fingerprint"].get(k)]
+        keys = STUDENT_FINGERPRINT + ANSWER_FINGERPRINT  # one batch holds rows of every cache: the same answers
+        differ = [k for k in keys if index["fingerprint"].get(k) != reference["fingerprint"].get(k)]
         if differ:
             raise CacheError(
                 f"cannot mix {first} and {cache_dir}: their {', '.join(differ)} differ; every training cache must "
@@ -465,12 +491,13 @@ def check_mixable(indexes: dict[Path, dict[str, Any]]) -> None:
 
 
 def open_online_teacher(
-    llm_dir: Path, prompt: PromptSpec, runtime: RuntimeConfig, device: torch.device
+    llm_dir: Path, prompt: PromptSpec, runtime: RuntimeConfig, device: torch.device, answers: AnswerSpec | None = None
 ) -> OnlineTeacher:
-    """The online-teacher mode's h_T source: the transformers teacher on the student's LLM."""
+    """The online-teacher mode's h_T source (and with `answers`, of the answers and their targets): the
+    transformers teacher on the student's LLM."""
     from diva.teacher_cache.backends.hf import HFTeacher
 
-    return OnlineTeacher(HFTeacher(llm_dir, dtype=runtime.dtype, device=str(device)), prompt)
+    return OnlineTeacher(HFTeacher(llm_dir, dtype=runtime.dtype, device=str(device)), prompt, answers)
 
 
 def train(
@@ -520,6 +547,7 @@ def train(
         llm_checksum = weights_checksum(Path(llm_dir))
         indexes = {d: open_cache(d, llm_checksum) for d in cache_dirs}
         check_mixable(indexes)
+        check_answers(indexes, student_cfg, train_cfg.teacher == "online")
         index = indexes[cache_dir]
         distributed.check_shards(sum(len(i["shards"]) for i in indexes.values()), layout)
         if eval_cache_dir is not None:
@@ -563,7 +591,10 @@ def train(
         feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir)
         reuse = train_cfg.reuse_encoder_outputs
         encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, reuse)
-        teacher = open_online_teacher(Path(llm_dir), prompt, runtime, device) if train_cfg.teacher == "online" else None
+        teacher = None
+        if train_cfg.teacher == "online":
+            answers = AnswerSpec.from_fingerprint(index["fingerprint"]) if student_cfg.answer_weight > 0 else None
+            teacher = open_online_teacher(Path(llm_dir), prompt, runtime, device, answers)
         source = TrainBatches(cache_dirs, weights, train_cfg.seed, position, train_cfg.batch_size, feature_extractor,
                               student_cfg.trim_mel, reuse, layout.rank, layout.world_size,
                               train_cfg.shuffle_shards)  # fmt: skip
