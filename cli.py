@@ -806,10 +806,12 @@ def eval_command(
                                       lambda done, total: bar.update(task, completed=done))  # fmt: skip
         except (AudioError, CheckpointError, ManifestError, ValueError) as e:
             raise _fail(str(e)) from e
-    header, rows = table_rows(report)
-    table = Table(*header, title=f"{model_dir} vs the teacher on {manifest}")
+    header, rows = table_rows(report)  # one row per system; printed one row per metric to fit a terminal
+    table = Table("metric", title=f"{model_dir} vs the teacher on {manifest}")
     for row in rows:
-        table.add_row(*row)
+        table.add_column(row[0], justify="right")
+    for j, label in enumerate(header[1:], start=1):
+        table.add_row(label, *(row[j] for row in rows))
     out.print(table)
     for note in report_notes(report):
         out.print(note)

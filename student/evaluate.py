@@ -12,22 +12,29 @@
 
 Every system runs through `generate.decode_steps` (the teacher and the cascade on token embeddings), which
 reports h, the final hidden state at the last prompt position, and the greedy answer. Per system, on rows with a
-non-empty transcript (n; the rest are counted as skipped):
-    cosine(h, h_T), next-token top-1 agreement, KL(p_T || p_system), L_distill,
+non-empty transcript (n; the rest are counted as skipped), each row scored and the rows averaged:
+    cosine(h, h_T), next-token top-1 agreement, KL(p_T || p_system), L_distill (||h - h_T||),
     identical: the share of greedy answers (up to max_new_tokens, stop id included) equal to the teacher's,
+    first4 / first8: the share that start with the teacher's first 4 / 8 answer tokens (all of it when shorter),
+    answer_f1: token-level F1 of the answer's ids against the teacher's (SQuAD's F1, on token ids),
     prefix_tokens: the mean shared prefix with the teacher's answer in tokens, prefix_frac: as a share of its length.
+identical is a cliff (one token off anywhere and the row scores 0); first4, first8 and answer_f1 give partial
+credit. Every row's score is kept (report["per_row"]) so that report.py can bootstrap paired differences.
 The report also gives the cascade's WER (diva.wer) and the share of blind pairs whose two transcripts are equal
 (for those the control cannot differ from the student).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from diva.audio import AudioError
 from diva.manifests.record import Utterance
@@ -35,12 +42,13 @@ from diva.manifests.store import read_manifest
 from diva.student.answer import utterance_audio
 from diva.student.generate import SAMPLE_RATE, audio_rows, decode_steps, eos_token_ids, split_at_stop, split_chunks
 from diva.student.model import DiVAStudent
-from diva.student.train import prediction_scores
 from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
 from diva.wer import word_errors
 
 SYSTEMS = ("student", "cascade", "blind", "floor")
-METRICS = ("cosine", "top1_agree", "kl", "distill", "identical", "prefix_tokens", "prefix_frac")
+METRICS = ("cosine", "top1_agree", "kl", "distill", "identical", "first4", "first8", "answer_f1", "prefix_tokens",
+           "prefix_frac")  # fmt: skip
+ANSWER_METRICS = ("identical", "first4", "first8", "answer_f1", "prefix_tokens", "prefix_frac")
 N_EXAMPLES = 3
 
 
@@ -103,14 +111,55 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def answer_scores(answers: list[list[int]], teacher: list[list[int]]) -> dict[str, float]:
-    """Sums over rows of identical answers, shared-prefix tokens and shared prefix / teacher answer length."""
-    prefixes = [shared_prefix(a, t) for a, t in zip(answers, teacher, strict=True)]
+def starts_like(answer: Sequence[int], teacher: Sequence[int], k: int) -> float:
+    """1.0 when the answer starts with the teacher's first k tokens (the whole teacher answer when shorter)."""
+    head = list(teacher[:k])
+    return float(list(answer[: len(head)]) == head)
+
+
+def answer_f1(answer: Sequence[int], teacher: Sequence[int]) -> float:
+    """Token-level F1 of two answers as bags of ids (SQuAD's F1): 0 with nothing in common, 1 when both are empty."""
+    if not answer and not teacher:
+        return 1.0
+    common = sum((Counter(answer) & Counter(teacher)).values())  # multiset intersection
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(answer), common / len(teacher)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_scores(answers: list[list[int]], teacher: list[list[int]]) -> dict[str, list[float]]:
+    """Per row: identical answer, first 4 / 8 tokens as the teacher's, token F1, shared-prefix tokens and shared
+    prefix / teacher answer length."""
+    scores: dict[str, list[float]] = {k: [] for k in ANSWER_METRICS}
+    for a, t in zip(answers, teacher, strict=True):
+        prefix = shared_prefix(a, t)
+        row = {"identical": float(a == t), "first4": starts_like(a, t, 4), "first8": starts_like(a, t, 8),
+               "answer_f1": answer_f1(a, t), "prefix_tokens": float(prefix),
+               "prefix_frac": prefix / max(1, len(t))}  # fmt: skip
+        for key, value in row.items():
+            scores[key].append(value)
+    return scores
+
+
+def hidden_scores(h: torch.Tensor, h_t: torch.Tensor, lm_head: nn.Module) -> dict[str, list[float]]:
+    """Per row: cosine(h, h_T), next-token top-1 agreement, KL(p_T || p_h) and ||h - h_T|| (the terms that
+    train.prediction_scores sums over a batch)."""
+    dtype = next(lm_head.parameters()).dtype
+    logits, logits_t = lm_head(h.to(dtype)), lm_head(h_t.to(dtype))  # (B, vocab) each
+    log_p, log_p_t = F.log_softmax(logits.float(), dim=-1), F.log_softmax(logits_t.float(), dim=-1)
+    kl = F.kl_div(log_p, log_p_t, log_target=True, reduction="none").sum(-1)  # (B,)
     return {
-        "identical": float(sum(a == t for a, t in zip(answers, teacher, strict=True))),
-        "prefix_tokens": float(sum(prefixes)),
-        "prefix_frac": sum(p / max(1, len(t)) for p, t in zip(prefixes, teacher, strict=True)),
+        "cosine": F.cosine_similarity(h.float(), h_t.float(), dim=-1).tolist(),
+        "top1_agree": (logits.argmax(-1) == logits_t.argmax(-1)).float().tolist(),
+        "kl": kl.tolist(),
+        "distill": torch.linalg.vector_norm(h.float() - h_t.float(), dim=-1).tolist(),
     }
+
+
+def row_means(per_row: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Each system's mean of every metric over the rows."""
+    return {name: {k: sum(values) / len(values) for k, values in metrics.items()} for name, metrics in per_row.items()}
 
 
 def scored_rows(manifest_dir: Path, limit: int, counts: dict[str, int]) -> Iterator[tuple[int, Utterance]]:
@@ -140,7 +189,7 @@ def length_batches(durations: Sequence[float], batch_size: int) -> list[list[int
     """Positions 0..n-1 in batches of `batch_size`, shortest utterances first (ties keep manifest order): a
     batch is padded to its longest clip and decodes until its longest transcript or answer ends, so a 2 s
     digit batched with a 20 s sentence pays for the sentence (Lhotse's and HF's length grouping, for the same
-    reason). Every score is a sum over rows and the report keeps manifest order, so sorting changes only which
+    reason). Every score is kept per row and the report keeps manifest order, so sorting changes only which
     rows share a padded batch."""
     order = sorted(range(len(durations)), key=lambda i: durations[i])
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
@@ -166,8 +215,9 @@ def evaluate_answers(
 ) -> dict[str, Any]:
     """Score `systems` against the teacher on the first `limit` rows with a transcript (see the module docstring).
 
-    Returns a json-serialisable report: {systems: {name: {metric: value}}, n, skipped, cascade_wer,
-    blind_same_text, examples, rows, ...}; `progress(rows_done, limit)` is called after every batch."""
+    Returns a json-serialisable report: {systems: {name: {metric: mean}}, per_row: {name: {metric: [row values]}},
+    n, skipped, cascade_wer, blind_same_text, examples, rows, ...}, per_row and rows both in manifest order;
+    `progress(rows_done, limit)` is called after every batch."""
     from diva.runtime import resolve_device
     from diva.student.checkpoint import load_pretrained, load_processors
 
@@ -191,14 +241,15 @@ def evaluate_answers(
     if "cascade" in systems:
         cascade = Cascade(info.whisper_dir, torch_device)
 
-    sums: dict[str, dict[str, float]] = {name: {} for name in systems}
+    scores: dict[str, dict[int, dict[str, float]]] = {name: {} for name in systems}  # name -> position -> metric
     counts = {"n": 0, "skipped": 0}
     same_text, refs, hyps, done = 0, [], [], 0
 
-    def add(name: str, h: torch.Tensor, answers: list[list[int]], h_t: torch.Tensor, teacher: list[list[int]]):
-        scores = {**prediction_scores(h, h_t, student.lm_head, ""), **answer_scores(answers, teacher)}
-        for key, value in scores.items():
-            sums[name][key] = sums[name].get(key, 0.0) + value
+    def add(name: str, positions: Sequence[int], h: torch.Tensor, answers: list[list[int]], h_t: torch.Tensor,
+            teacher: list[list[int]]) -> None:  # fmt: skip
+        per_metric = {**hidden_scores(h, h_t, student.lm_head), **answer_scores(answers, teacher)}
+        for i, pos in enumerate(positions):
+            scores[name][pos] = {k: per_metric[k][i] for k in METRICS}
 
     scored = list(scored_rows(Path(manifest_dir), limit, counts))
     answered: dict[int, dict[str, Any]] = {}  # position in `scored` -> that row's answers as text
@@ -219,21 +270,21 @@ def evaluate_answers(
             h, heard_answers = run_rows(student, rows, stop_ids, max_new_tokens)
             if "student" in systems:
                 answers["student"] = heard_answers
-                add("student", h, heard_answers, h_t, teacher)
+                add("student", batch_pos, h, heard_answers, h_t, teacher)
             if "blind" in systems:
                 for i, pos in enumerate(batch_pos):
                     targets[pos], listened[pos] = (h_t[i], teacher[i]), (h[i], heard_answers[i])
         if floor is not None:
             rows = audio_rows(floor, audios, floor.prefix_ids, floor.suffix_ids, feature_extractor, trim)
             h, answers["floor"] = run_rows(floor, rows, stop_ids, max_new_tokens)
-            add("floor", h, answers["floor"], h_t, teacher)
+            add("floor", batch_pos, h, answers["floor"], h_t, teacher)
         heard: list[str] = []
         if cascade is not None:
             heard = cascade.transcribe(audios)
             refs, hyps = refs + texts, hyps + heard
             ids = [teacher_input_ids(info.prompt, transcript_ids(tokenizer, t)) for t in heard]
             h, answers["cascade"] = run_rows(student, token_rows(student, ids), stop_ids, max_new_tokens)
-            add("cascade", h, answers["cascade"], h_t, teacher)
+            add("cascade", batch_pos, h, answers["cascade"], h_t, teacher)
         for i, pos in enumerate(batch_pos):  # every row's answers, as text, in manifest order
             example = {
                 "id": utts[i].id,
@@ -256,7 +307,7 @@ def evaluate_answers(
             borrowed = [listened[partner[i]] for i in chunk]
             h_t = torch.stack([t[0] for t in own])
             h = torch.stack([b[0] for b in borrowed])
-            add("blind", h, [b[1] for b in borrowed], h_t, [t[1] for t in own])
+            add("blind", chunk, h, [b[1] for b in borrowed], h_t, [t[1] for t in own])  # row i's teacher
         for i, example in answered.items():
             example["blind"] = tokenizer.decode(listened[partner[i]][1], skip_special_tokens=True)
             same_text += scored[i][1].text == scored[partner[i]][1].text
@@ -272,8 +323,11 @@ def evaluate_answers(
         "limit": limit,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
-        "systems": {name: {k: sums[name][k] / n for k in METRICS} for name in systems},
     }
+    # every system's score on every row, in manifest order (the order of report["rows"]); the means come from these
+    per_row = {name: {k: [scores[name][i][k] for i in range(n)] for k in METRICS} for name in systems}
+    report["systems"] = row_means(per_row)
+    report["per_row"] = per_row
     if "blind" in systems:
         report["blind_same_text"] = same_text / n
     if cascade is not None:
@@ -292,23 +346,32 @@ COLUMNS = {
     "cosine": "cos(h, h_T)",
     "top1_agree": "top-1 agree",
     "kl": "KL(T‖S)",  # not "||": a markdown table would split the cell
-    "identical": "identical answers",
-    "prefix_tokens": "shared prefix (tokens)",
-    "prefix_frac": "shared prefix (frac)",
+    "identical": "identical",
+    "first4": "first 4",
+    "first8": "first 8",
+    "answer_f1": "answer F1",
+    "prefix_tokens": "prefix (tokens)",
+    "prefix_frac": "prefix (frac)",
 }
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The report's per-system table: header and rows of formatted cells (for markdown and the CLI's table)."""
+    """The report's per-system table: header and rows of formatted cells (for markdown and the CLI's table); a
+    metric an older report lacks reads n/a."""
     header = ["system", *COLUMNS.values()]
-    rows = [[name, *(f"{metrics[k]:.3f}" for k in COLUMNS)] for name, metrics in report["systems"].items()]
+    rows = [[name, *(f"{metrics[k]:.3f}" if k in metrics else "n/a" for k in COLUMNS)]
+            for name, metrics in report["systems"].items()]  # fmt: skip
     return header, rows
 
 
 def report_notes(report: dict[str, Any]) -> list[str]:
-    """The lines that go under the table: n, skipped rows, the cascade's WER, the blind control's same-text pairs."""
+    """The lines that go under the table: n, skipped rows, what the answer columns count, the cascade's WER, the
+    blind control's same-text pairs."""
     notes = [f"n = {report['n']} rows with a transcript ({report['skipped']} without one skipped); answers up to "
              f"{report['max_new_tokens']} tokens, greedy"]  # fmt: skip
+    notes.append("identical: whole answer equal to the teacher's; first 4 / first 8: starts with the teacher's first "
+                 "4 / 8 tokens; answer F1: token-overlap F1; prefix: tokens shared from the start (and their share "
+                 "of the teacher's answer)")  # fmt: skip
     if "cascade_wer" in report:
         notes.append(f"cascade: Whisper's transcripts have WER {report['cascade_wer']:.3f}")
     if "blind_same_text" in report:

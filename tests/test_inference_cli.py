@@ -1,7 +1,8 @@
 """Inference end to end through the CLI on the tiny random Whisper and Llama and real clips: `diva train` a few
 steps, then `diva generate` (a line per row, an error line for unreadable audio, resumable), `diva chat` (a file
 and stdin, the same answer as generate) and `diva eval` (n counts rows with a transcript only, metrics in range,
-the student's cosine equals the direct forward's); `--help` explains every option."""
+the student's cosine equals the direct forward's, every row's scores kept and averaged into the table); `--help`
+explains every option."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from diva.audio import load_audio
 from diva.cli import app
 from diva.manifests.store import read_manifest
 from diva.student.checkpoint import load_pretrained, load_processors
-from diva.student.evaluate import blind_partners, length_batches, render_markdown
+from diva.student.evaluate import METRICS, blind_partners, length_batches, render_markdown
 from diva.student.features import log_mel
 from diva.student.generate import generate
 from diva.student.report import build_report
@@ -144,8 +145,19 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
     assert set(report["systems"]) == {"student", "cascade", "blind", "floor"} and "cascade" in result.output
     for metrics in report["systems"].values():
         assert -1 <= metrics["cosine"] <= 1 and metrics["kl"] >= 0 and metrics["distill"] >= 0
-        assert all(0 <= metrics[k] <= 1 for k in ("top1_agree", "identical", "prefix_frac"))
+        assert all(0 <= metrics[k] <= 1 for k in ("top1_agree", "identical", "first4", "first8", "answer_f1",
+                                                  "prefix_frac"))  # fmt: skip
         assert 0 <= metrics["prefix_tokens"] <= MAX_NEW
+    assert set(report["per_row"]) == set(report["systems"])
+    for name, per_row in report["per_row"].items():  # every row's score, in manifest order; the table averages them
+        assert set(per_row) == set(METRICS) == set(report["systems"][name])
+        for key, values in per_row.items():
+            assert len(values) == 4 and report["systems"][name][key] == pytest.approx(sum(values) / 4, rel=1e-12)
+        for row in zip(per_row["identical"], per_row["first8"], per_row["first4"], strict=True):
+            assert row[0] <= row[1] <= row[2]  # an identical answer starts like the teacher's; 8 tokens imply 4
+    printed = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 2}
+    f1_cells = [f"{report['systems'][name]['answer_f1']:.3f}" for name in report["systems"]]  # a row per metric
+    assert {"first 4", "first 8"} <= set(printed) and all(cell in printed["answer F1"] for cell in f1_cells)
     assert report["cascade_wer"] >= 0 and 0 <= report["blind_same_text"] <= 1
     assert report["examples"][0]["transcript"] == utts[0]["text"] and "whisper_transcript" in report["examples"][0]
     assert [r["id"] for r in report["rows"]] == [u["id"] for u in utts]  # every scored row's answers, in order
@@ -161,11 +173,13 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
     teacher = HFTeacher(info.llm_dir, batch_size=4, device="cpu")
     ids = [teacher_input_ids(info.prompt, transcript_ids(tokenizer, u["text"])) for u in utts]
     h_t = torch.tensor(np.stack(teacher.final_hidden(ids)))  # (4, d): h_T as the teacher cache computes it
-    cosine = float(torch.nn.functional.cosine_similarity(h_s, h_t, dim=-1).mean())
-    assert report["systems"]["student"]["cosine"] == pytest.approx(cosine, abs=1e-4)
+    cosine = torch.nn.functional.cosine_similarity(h_s, h_t, dim=-1)  # (4,): each row's, in manifest order
+    assert report["per_row"]["student"]["cosine"] == pytest.approx(cosine.tolist(), abs=1e-4)
+    assert report["systems"]["student"]["cosine"] == pytest.approx(float(cosine.mean()), abs=1e-4)
     partner = blind_partners(4)  # the blind control: each row's h_T against its partner's speech, across batches
-    blind = float(torch.nn.functional.cosine_similarity(h_s[partner], h_t, dim=-1).mean())
-    assert report["systems"]["blind"]["cosine"] == pytest.approx(blind, abs=1e-4)
+    blind = torch.nn.functional.cosine_similarity(h_s[partner], h_t, dim=-1)  # (4,): row i against row i's teacher
+    assert report["per_row"]["blind"]["cosine"] == pytest.approx(blind.tolist(), abs=1e-4)
+    assert report["systems"]["blind"]["cosine"] == pytest.approx(float(blind.mean()), abs=1e-4)
     # and its answer to row i is the student's answer to row partner[i]'s audio (decoded once, scored twice)
     assert [r["blind"] for r in report["rows"]] == [report["rows"][j]["student"] for j in partner]
 
@@ -253,12 +267,13 @@ def test_help_explains_every_option(command: str) -> None:
 
 
 def test_answer_scores_count_identical_answers_and_shared_prefixes() -> None:
-    from diva.student.evaluate import answer_scores, shared_prefix
+    from diva.student.evaluate import ANSWER_METRICS, answer_scores, shared_prefix
 
     assert [shared_prefix([1, 2, 3], b) for b in ([1, 2, 3], [1, 2], [1, 5, 3], [4], [])] == [3, 2, 1, 0, 0]
     teacher = [[1, 2, 3, 9], [4, 9], [7, 8]]
-    scores = answer_scores([[1, 2, 3, 9], [4, 5, 9], [6]], teacher)
-    assert scores == {"identical": 1.0, "prefix_tokens": 5.0, "prefix_frac": pytest.approx(1.0 + 0.5 + 0.0)}
+    scores = answer_scores([[1, 2, 3, 9], [4, 5, 9], [6]], teacher)  # per row (tests/test_eval_stats.py: the rest)
+    assert set(scores) == set(ANSWER_METRICS) and scores["identical"] == [1.0, 0.0, 0.0]
+    assert scores["prefix_tokens"] == [4.0, 1.0, 0.0] and scores["prefix_frac"] == [1.0, 0.5, 0.0]
 
 
 def test_verdicts_tell_better_tied_and_worse_apart() -> None:
