@@ -890,6 +890,12 @@ def report_command(
             if f"beats_{ref}" in result["verdicts"]:
                 said = verdict_text(result["verdicts"][f"beats_{ref}"]["per_metric"])
                 out.print(f"  student better than {ref}: {said}")
+        if "bootstrap" in result["verdicts"]:
+            b = result["verdicts"]["bootstrap"]
+            out.print(
+                f"  (better or worse only when the {b['level']:.0%} paired-bootstrap interval of the per-row "
+                f"difference excludes 0: {b['resamples']} resamples, seed {b['seed']}; see the report)"
+            )
     out.print(f"report: {path}" + ("" if built else " (up to date: nothing to do)"))
 
 

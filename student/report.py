@@ -4,12 +4,16 @@
                   --> curves_eval.png (held-out L_distill and top-1 agreement: student, audio-blind, mean-h_T)
     for each evaluation set (held-out synthetic speech; real recordings where given):
         student.evaluate.evaluate_answers(systems: student, floor, blind, cascade) --> one table per set
-    --> report.md (tables, notes, verdicts, example answers, the plots), report.json (all numbers, what made them)
+    --> report.md (tables, notes, verdicts and their intervals, example answers, the plots), report.json (all
+        numbers, every row's scores, what made them)
 
-"Better" means higher cosine, top-1 agreement, identical answers and shared prefix, and lower KL. The report
-states, per set, whether the student beats the floor (the untrained student) and the audio-blind control on
-every metric, and how much of the way from the floor to the cascade (Whisper's transcript fed to the teacher) it
-goes. A report whose inputs (run step, sets, sizes) did not change is not recomputed.
+"Better" means higher cosine, top-1 agreement, identical answers, first 4 / 8 tokens, answer F1 and shared
+prefix, and lower KL. The report states, per set, whether the student beats the floor (the untrained student)
+and the audio-blind control on every metric, and how much of the way from the floor to the cascade (Whisper's
+transcript fed to the teacher) it goes. A verdict is not a comparison of means: per metric, the rows' paired
+differences (student - floor, student - blind) are bootstrapped (student.stats), and the student is better only
+when the 95% interval of the mean difference is above 0, worse when below, else tied (not distinguishable).
+A report whose inputs (run step, sets, sizes, bootstrap) did not change is not recomputed.
 """
 
 from __future__ import annotations
@@ -21,13 +25,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from diva import __version__
 from diva.student.evaluate import COLUMNS, SYSTEMS, evaluate_answers, render_markdown
+from diva.student.stats import LEVEL, RESAMPLES, interval_verdict, paired_bootstrap
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
-HIGHER_IS_BETTER = {"cosine": True, "top1_agree": True, "kl": False, "identical": True, "prefix_tokens": True,
-                    "prefix_frac": True}  # fmt: skip
+HIGHER_IS_BETTER = {"cosine": True, "top1_agree": True, "kl": False, "identical": True, "first4": True,
+                    "first8": True, "answer_f1": True, "prefix_tokens": True, "prefix_frac": True}  # fmt: skip
+GAP_METRICS = ("cosine", "top1_agree", "kl", "identical", "first4", "first8", "answer_f1")
 
 
 def run_step(run_dir: Path) -> int | None:
@@ -38,13 +46,23 @@ def run_step(run_dir: Path) -> int | None:
     return int(json.loads((checkpoints[-1] / "checkpoint.json").read_text())["step"]) if checkpoints else None
 
 
-def compare(systems: dict[str, dict[str, float]], a: str, b: str) -> dict[str, str]:
-    """Per metric: "better", "tie" or "worse" for system `a` against system `b` (a tie is not better)."""
-    result = {}
-    for key, higher in HIGHER_IS_BETTER.items():
-        x, y = systems[a][key], systems[b][key]
-        result[key] = "tie" if x == y else "better" if (x > y) == higher else "worse"
-    return result
+def row_differences(per_row: dict[str, dict[str, list[float]]], a: str, b: str, key: str) -> np.ndarray:
+    """Per row, system `a`'s score on `key` minus system `b`'s, signed so that positive means `a` is better."""
+    diff = np.asarray(per_row[a][key], dtype=np.float64) - np.asarray(per_row[b][key], dtype=np.float64)
+    return diff if HIGHER_IS_BETTER[key] else -diff
+
+
+def compare(
+    per_row: dict[str, dict[str, list[float]]], a: str, b: str, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Per metric, system `a` against system `b` on the same rows: "better", "tie" or "worse" from the paired
+    bootstrap interval (a tie is not better), and {diff, low, high}: the mean difference and its interval."""
+    verdict, intervals = {}, {}
+    for key in HIGHER_IS_BETTER:
+        diff, low, high = paired_bootstrap(row_differences(per_row, a, b, key), resamples, seed)
+        verdict[key] = interval_verdict(low, high)
+        intervals[key] = {"diff": diff, "low": low, "high": high}
+    return verdict, intervals
 
 
 def gap_closed(systems: dict[str, dict[str, float]], key: str) -> float | None:
@@ -55,25 +73,33 @@ def gap_closed(systems: dict[str, dict[str, float]], key: str) -> float | None:
     return None if abs(span) < 1e-12 else (systems["student"][key] - systems["floor"][key]) / span
 
 
-def verdicts(report: dict[str, Any]) -> dict[str, Any]:
-    """Student vs floor, vs blind (every metric) and the share of the floor-to-cascade gap it closes."""
-    systems = report["systems"]
+def verdicts(report: dict[str, Any], resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Student vs floor, vs blind (every metric, from paired bootstrap intervals over the rows) and the share of
+    the floor-to-cascade gap it closes (from the means)."""
+    if "per_row" not in report:
+        raise ValueError(f"{report.get('manifest', 'this evaluation')}: no per-row scores (an evaluation from an "
+                         "older diva), so no paired verdicts; score it again (diva report --force)")  # fmt: skip
+    per_row, systems = report["per_row"], report["systems"]
     out: dict[str, Any] = {}
     for ref in ("floor", "blind"):
-        if "student" in systems and ref in systems:
-            per_metric = compare(systems, "student", ref)
-            out[f"beats_{ref}"] = {"all": all(v == "better" for v in per_metric.values()), "per_metric": per_metric}
-    out["gap_closed"] = {k: gap_closed(systems, k) for k in ("cosine", "top1_agree", "kl", "identical")}
+        if "student" in per_row and ref in per_row:
+            per_metric, intervals = compare(per_row, "student", ref, resamples, seed)
+            out[f"beats_{ref}"] = {"all": all(v == "better" for v in per_metric.values()), "per_metric": per_metric,
+                                   "per_metric_ci": intervals}  # fmt: skip
+    out["gap_closed"] = {k: gap_closed(systems, k) for k in GAP_METRICS}
+    out["bootstrap"] = {"n": report["n"], "resamples": resamples, "seed": seed, "level": LEVEL}
     return out
 
 
 def verdict_text(per_metric: dict[str, str]) -> str:
-    """`yes, on every metric`, or `NO: ` and the metrics where the student is worse or tied (a tie is not better)."""
+    """`yes, on every metric`, or `NO: ` and the metrics where the student is worse or tied (not distinguishable:
+    the interval holds 0; a tie is not better)."""
     worse = [k for k, r in per_metric.items() if r == "worse"]
     ties = [k for k, r in per_metric.items() if r == "tie"]
     if not worse + ties:
         return "yes, on every metric"
-    parts = [f"{how} on {', '.join(keys)}" for how, keys in (("worse", worse), ("tied", ties)) if keys]
+    parts = [f"{how} on {', '.join(keys)}" for how, keys in (("worse", worse), ("tied (not distinguishable)", ties))
+             if keys]  # fmt: skip
     return "NO: " + "; ".join(parts)
 
 
@@ -128,6 +154,30 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def _interval(ci: dict[str, float], verdict: str) -> str:
+    return f"{ci['diff']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] {verdict}"
+
+
+def interval_table(v: dict[str, Any]) -> list[str]:
+    """Markdown lines: per metric, student - floor and student - blind with their bootstrap intervals, and how the
+    intervals were made; none for verdicts without intervals (an older report.json)."""
+    refs = [ref for ref in ("floor", "blind") if "per_metric_ci" in v.get(f"beats_{ref}", {})]
+    if not refs:
+        return []
+    header = ["metric", *(f"student - {ref} [{v['bootstrap']['level']:.0%} interval]" for ref in refs)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in v[f"beats_{refs[0]}"]["per_metric_ci"]:
+        cells = [_interval(v[f"beats_{ref}"]["per_metric_ci"][key], v[f"beats_{ref}"]["per_metric"][key])
+                 for ref in refs]  # fmt: skip
+        lines.append(f"| {COLUMNS.get(key, key)} | " + " | ".join(cells) + " |")
+    b = v["bootstrap"]
+    lines += ["", f"- intervals: the mean per-row difference (positive = student better; KL's sign flipped) and its "
+              f"{b['level']:.0%} percentile interval from a paired bootstrap over the n = {b['n']} rows "
+              f"({b['resamples']} resamples, seed {b['seed']}); better or worse only when the interval excludes 0, "
+              "else tied (not distinguishable)"]  # fmt: skip
+    return lines
+
+
 def render_report(report: dict[str, Any]) -> str:
     """report.md from a report.json's contents."""
     made = report["made_by"]
@@ -152,6 +202,8 @@ def render_report(report: dict[str, Any]) -> str:
         if any(g is not None for g in gaps.values()):
             lines.append("- share of the floor-to-cascade gap the student closes: "
                          + ", ".join(f"{k} {_fmt(g)}" for k, g in gaps.items()))  # fmt: skip
+        table = interval_table(v)
+        lines += ["", *table] if table else []
         lines += ["", "Examples (greedy answers):", ""]
         for ex in result.get("examples", []):
             lines.append(f"- *{ex['transcript']}*")
@@ -174,14 +226,18 @@ def build_report(
     device: str = "auto",
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    seed: int = 0,
 ) -> tuple[Path, dict[str, Any], bool]:
     """Write run_dir/report.md, report.json and the curves; returns (report.md, the report, whether it was built
-    now). `sets`: name -> manifest folder (e.g. {"held-out synthetic": ..., "real recordings": ...})."""
+    now). `sets`: name -> manifest folder (e.g. {"held-out synthetic": ..., "real recordings": ...}); `seed`: the
+    verdicts' bootstrap."""
     from diva.runtime import describe_hardware
 
     run_dir = Path(run_dir)
     request = {"step": run_step(run_dir), "sets": {k: str(v) for k, v in sets.items()}, "limit": limit,
-               "batch_size": batch_size, "max_new_tokens": max_new_tokens, "systems": list(systems)}  # fmt: skip
+               "batch_size": batch_size, "max_new_tokens": max_new_tokens, "systems": list(systems),
+               "bootstrap": {"resamples": RESAMPLES, "seed": seed}}  # fmt: skip
+    # a report.json from before the bootstrap verdicts has no "bootstrap" here, so it is rebuilt, never reused
     json_path = run_dir / REPORT_JSON
     if json_path.is_file() and not force:
         old = json.loads(json_path.read_text())
@@ -193,7 +249,7 @@ def build_report(
         if each is not None:
             each(0, limit)  # the set starts: its clock starts here, not when the first set did
         result = evaluate_answers(run_dir, manifest, limit, batch_size, max_new_tokens, systems, device, each)
-        result["verdicts"] = verdicts(result)
+        result["verdicts"] = verdicts(result, RESAMPLES, seed)
         results[name] = result
     hardware = describe_hardware()
     report = {

@@ -1,8 +1,8 @@
 """Inference end to end through the CLI on the tiny random Whisper and Llama and real clips: `diva train` a few
 steps, then `diva generate` (a line per row, an error line for unreadable audio, resumable), `diva chat` (a file
 and stdin, the same answer as generate) and `diva eval` (n counts rows with a transcript only, metrics in range,
-the student's cosine equals the direct forward's, every row's scores kept and averaged into the table); `--help`
-explains every option."""
+the student's cosine equals the direct forward's, every row's scores kept and averaged into the table), `diva
+report` (verdicts from paired bootstrap intervals, shown in report.md); `--help` explains every option."""
 
 from __future__ import annotations
 
@@ -206,15 +206,34 @@ def test_report_writes_tables_verdicts_and_curves_once(run: dict) -> None:
     assert set(report["sets"]) == {"held-out synthetic speech", "real recordings"} and report["step"] == 2
     for result_set in report["sets"].values():
         assert result_set["n"] == 4 and set(result_set["systems"]) == {"student", "cascade", "blind", "floor"}
-        assert set(result_set["verdicts"]["beats_floor"]["per_metric"]) >= {"cosine", "top1_agree", "kl"}
+        assert all(len(v) == 4 for name in result_set["per_row"].values() for v in name.values())
+        for ref in ("floor", "blind"):
+            verdict = result_set["verdicts"][f"beats_{ref}"]
+            assert set(verdict["per_metric"]) >= {"cosine", "top1_agree", "kl", "first4", "first8", "answer_f1"}
+            for key, ci in verdict["per_metric_ci"].items():  # the verdict is the interval's, not the means'
+                assert ci["low"] <= ci["high"]
+                expected = "better" if ci["low"] > 0 else "worse" if ci["high"] < 0 else "tie"
+                assert verdict["per_metric"][key] == expected
+        assert result_set["verdicts"]["bootstrap"] == {"n": 4, "resamples": 2000, "seed": 0, "level": 0.95}
+        assert set(result_set["verdicts"]["gap_closed"]) >= {"first4", "first8", "answer_f1"}
     markdown = (run["dir"] / "report.md").read_text()
     assert "| student | " in markdown and "student better than blind" in markdown and "n = 4 rows" in markdown
+    assert "| metric | student - floor [95% interval] | student - blind [95% interval] |" in markdown
+    assert markdown.count("paired bootstrap over the n = 4 rows (2000 resamples, seed 0)") == 2  # one per set
+    assert "paired-bootstrap interval of the per-row difference excludes 0: 2000 resamples, seed 0" in result.output
     assert (run["dir"] / "curves_train.png").read_bytes()[:4] == b"\x89PNG" and "curves_train.png" in markdown
     for ref in ("floor", "blind"):  # the CLI says what the report says, reasons included
         said = next(line for line in markdown.splitlines() if line.startswith(f"- student better than {ref}: "))
         assert f"  student better than {ref}: {said.split(': ', 1)[1]}" in result.output
     again = _invoke(args)  # nothing changed: nothing recomputed
     assert "up to date" in again.output
+    old = json.loads((run["dir"] / "report.json").read_text())  # a report.json from before the paired verdicts
+    del old["request"]["bootstrap"]
+    for result_set in old["sets"].values():
+        del result_set["per_row"]
+    (run["dir"] / "report.json").write_text(json.dumps(old))
+    assert "up to date" not in _invoke(args).output  # rebuilt, not reused
+    assert all("per_row" in s for s in json.loads((run["dir"] / "report.json").read_text())["sets"].values())
 
     calls: list[tuple[str, int, int]] = []  # each set reports its start (0 rows done) before its first batch
     sets = {"first": run["manifest"], "second": run["manifest"]}
@@ -277,19 +296,25 @@ def test_answer_scores_count_identical_answers_and_shared_prefixes() -> None:
 
 
 def test_verdicts_tell_better_tied_and_worse_apart() -> None:
+    from diva.student.evaluate import row_means
     from diva.student.report import verdict_text, verdicts
 
-    def metrics(cosine, top1, kl, identical):
-        return {"cosine": cosine, "top1_agree": top1, "kl": kl, "identical": identical, "prefix_tokens": top1,
-                "prefix_frac": top1}  # fmt: skip
+    def rows(cosine, top1, kl, identical, n=4):  # every row scores the same: the interval is a point
+        scores = {"cosine": cosine, "top1_agree": top1, "kl": kl, "identical": identical, "first4": top1,
+                  "first8": top1, "answer_f1": top1, "prefix_tokens": top1, "prefix_frac": top1}  # fmt: skip
+        return {k: [v] * n for k, v in scores.items()}
 
-    systems = {"student": metrics(0.9, 0.5, 0.5, 0.0), "blind": metrics(0.8, 0.6, 0.7, 0.0),
-               "floor": metrics(0.7, 0.1, 1.5, 0.0), "cascade": metrics(1.0, 0.9, 0.1, 0.5)}  # fmt: skip
-    v = verdicts({"systems": systems})
+    per_row = {"student": rows(0.9, 0.5, 0.5, 0.0), "blind": rows(0.8, 0.6, 0.7, 0.0),
+               "floor": rows(0.7, 0.1, 1.5, 0.0), "cascade": rows(1.0, 0.9, 0.1, 0.5)}  # fmt: skip
+    v = verdicts({"n": 4, "per_row": per_row, "systems": row_means(per_row)})
     assert v["beats_blind"]["per_metric"]["kl"] == "better" and v["beats_blind"]["per_metric"]["top1_agree"] == "worse"
     assert v["beats_floor"]["per_metric"]["identical"] == "tie" and not v["beats_floor"]["all"]
-    assert verdict_text(v["beats_floor"]["per_metric"]) == "NO: tied on identical"
-    worse_and_tied = "NO: worse on top1_agree, prefix_tokens, prefix_frac; tied on identical"
+    assert v["beats_floor"]["per_metric_ci"]["kl"] == {"diff": pytest.approx(1.0), "low": pytest.approx(1.0),
+                                                       "high": pytest.approx(1.0)}  # fmt: skip
+    assert verdict_text(v["beats_floor"]["per_metric"]) == "NO: tied (not distinguishable) on identical"
+    worse_and_tied = ("NO: worse on top1_agree, first4, first8, answer_f1, prefix_tokens, prefix_frac; "
+                      "tied (not distinguishable) on identical")  # fmt: skip
     assert verdict_text(v["beats_blind"]["per_metric"]) == worse_and_tied
     assert verdict_text({"cosine": "better", "kl": "better"}) == "yes, on every metric"
     assert v["gap_closed"]["cosine"] == pytest.approx(2 / 3) and v["gap_closed"]["kl"] == pytest.approx(1 / 1.4)
+    assert v["gap_closed"]["first4"] == pytest.approx(0.4 / 0.8)
