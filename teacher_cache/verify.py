@@ -44,11 +44,36 @@ def _check_sample(members: dict[str, bytes], hidden: int, dtype: str) -> str | N
         emb = from_stored(load_npy_zst(members["emb.npy.zst"]), dtype)
         if emb.shape != (len(ids), hidden) or not np.isfinite(emb).all():
             return f"{meta['id']}: embeddings have shape {emb.shape} or non-finite values"
+    problem = _check_answer(members, meta, hidden, dtype)
+    if problem:
+        return problem
     try:
         with sf.SoundFile(io.BytesIO(members[meta["audio_ext"]])) as f:
             f.read(1024)
     except (sf.LibsndfileError, RuntimeError, KeyError) as e:
         return f"{meta['id']}: audio does not decode ({e})"
+    return None
+
+
+def _check_answer(members: dict[str, bytes], meta: dict, hidden: int, dtype: str) -> str | None:
+    """The answer members of a sample agree with its json (n_answer) and each other, and hold finite values."""
+    if "answer_ids.npy.zst" not in members:
+        return None
+    answer = load_npy_zst(members["answer_ids.npy.zst"])
+    k = len(answer)
+    if answer.ndim != 1 or k == 0 or k != meta.get("n_answer"):
+        return f"{meta['id']}: answer_ids has shape {answer.shape}, n_answer says {meta.get('n_answer')}"
+    if "answer_hidden.npy.zst" in members:
+        h = from_stored(load_npy_zst(members["answer_hidden.npy.zst"]), dtype)
+        if h.shape != (k, hidden) or not np.isfinite(h).all():
+            return f"{meta['id']}: answer_hidden has shape {h.shape} (want {(k, hidden)}) or non-finite values"
+    if "answer_topk_ids.npy.zst" in members:
+        if "answer_topk_logprobs.npy.zst" not in members:
+            return f"{meta['id']}: answer top-k ids without their log-probs"
+        ids = load_npy_zst(members["answer_topk_ids.npy.zst"])
+        logprobs = load_npy_zst(members["answer_topk_logprobs.npy.zst"])
+        if ids.shape != logprobs.shape or ids.shape[0] != k or not np.isfinite(logprobs).all():
+            return f"{meta['id']}: answer top-k ids {ids.shape} and log-probs do not match {k} answer tokens"
     return None
 
 

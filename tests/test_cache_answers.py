@@ -4,9 +4,12 @@ forward on the tiny random teacher; readable with no project code; settings in t
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +23,9 @@ from diva.manifests.prepare import import_corpus
 from diva.teacher_cache.build import build_cache
 from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.prompt import eos_token_ids
-from diva.teacher_cache.read import open_table, stream_samples
-from diva.teacher_cache.write import from_stored
+from diva.teacher_cache.read import load_npy_zst, open_table, stream_samples
+from diva.teacher_cache.verify import verify_cache
+from diva.teacher_cache.write import from_stored, npy_zst, sha256_file
 
 ANSWER_TOKENS = 6
 TEXTS = ["mend the coat", "What is the capital of France?", "seven", "the birch canoe slid on the smooth planks",
@@ -163,3 +167,25 @@ def test_stored_answers_round_trip_bfloat16(manifest, tiny_llama, hidden_cache, 
     for key, row in stored.items():
         back = from_stored(np.array(row["answer_hidden"], dtype=np.uint16), "bfloat16")
         np.testing.assert_allclose(back, np.array(full[key]["answer_hidden"], dtype=np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_verify_checks_the_answer_members(hidden_cache: Path, tmp_path: Path) -> None:
+    assert verify_cache(hidden_cache).ok
+    damaged = tmp_path / "damaged"
+    shutil.copytree(hidden_cache, damaged)
+    tar_path = damaged / "shards" / "00000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:  # the first sample's answer hidden states lose a row
+        cut = False
+        for member, data in members:
+            if member.name.endswith("answer_hidden.npy.zst") and not cut:
+                data, cut = npy_zst(load_npy_zst(data)[:-1]), True
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    index_path = damaged / "index.json"  # a writer bug, not a torn file: the index agrees with the tar
+    index = json.loads(index_path.read_text())
+    index["shards"][0]["files"]["tar"] = {"bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path)}
+    index_path.write_text(json.dumps(index))
+    problems = verify_cache(damaged).problems
+    assert any("answer_hidden has shape" in p for p in problems), problems
