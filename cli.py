@@ -954,23 +954,46 @@ def ablate_command(
     ] = 100,
     variants: Annotated[
         str,
-        typer.Option("--variants", help="Comma-separated: both_losses, distill_only, align_only, qformer_random, mlp."),
+        typer.Option("--variants", help="Comma-separated, the first is the reference of the differences: both_losses, "
+                     "distill_only, align_only, qformer_random, mlp, answer_l2, answer_kl, answer_ce (the answer_* "
+                     "variants need --answer-cache)."),
     ] = "both_losses,distill_only,align_only,qformer_random,mlp",
-    limit: Annotated[int, typer.Option("--limit", help="Held-out rows scored per variant.")] = 32,
+    answer_caches: Annotated[
+        list[str] | None,
+        typer.Option("--answer-cache", help="KIND=DIR: an answer cache of the training manifest for the whole-answer "
+                     "variants; KIND is its cache.answer_targets: hidden (answer_l2, answer_ce), topk (answer_kl, "
+                     "answer_ce) or ids (answer_ce). Repeatable.", show_default=False),
+    ] = None,
+    real: Annotated[
+        Path | None,
+        typer.Option("--real", help="A second held-out manifest (e.g. real recordings), scored beside --manifest.",
+                     show_default=False),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Held-out rows scored per variant and set.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded at a time when scoring.")] = 8,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train shorter runs of one preset that differ in one choice (both losses, distillation only, alignment only,
-    a randomly initialised Q-Former, an MLP adapter) and write one table, OUT/ablations.md. Resumable: finished
-    runs and scores are reused."""
+    a randomly initialised Q-Former, an MLP adapter, or a whole-answer loss added) and write OUT/ablations.md: per
+    held-out set the metrics of each variant, its paired-bootstrap difference from the first variant, and what each
+    cost. Resumable: finished runs and scores are reused."""
     from diva.config import ConfigError
     from diva.student.ablations import run_ablations
     from diva.teacher_cache.index import CacheError
     from diva.zoo.resolve import ModelNotFound
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
+    kinds: dict[str, Path] = {}
+    for item in answer_caches or []:
+        kind, sep, folder = item.partition("=")
+        if not sep or kind not in ("ids", "hidden", "topk"):
+            raise _fail(f"--answer-cache {item!r}: expected hidden=DIR, topk=DIR or ids=DIR")
+        kinds[kind] = Path(folder)
     try:
         path, data = run_ablations(config, cache, eval_cache, manifest, out_dir, steps, overrides or [], names, limit,
-                                   device=device, on_variant=lambda key, what: out.print(f"{key}: {what}"))  # fmt: skip
+                                   device=device, on_variant=lambda key, what: out.print(f"{key}: {what}"),
+                                   answer_caches=kinds, extra_sets={"real": real} if real else None,
+                                   batch_size=batch_size)  # fmt: skip
     except (CacheError, ConfigError, ModelNotFound, ValueError) as e:
         raise _fail(str(e)) from e
     out.print((path).read_text())

@@ -45,6 +45,12 @@ files; the world size must still match), and a student without FSDP loads its we
 rank runs the held-out evaluation (the forward's gathers need them all); rank 0 logs it. Tested on the CPU with
 gloo (two processes); not yet run on CUDA/nccl here.
 
+Whole-answer targets (`student.answer_weight` > 0, on a cache built with `cache.answer_tokens` > 0): the batch
+carries the teacher's answers and their targets (`data.AnswerBatch`), the student's one forward reads
+embed(answer[:-1]) after the suffix, and `losses.answer_loss` scores every answer position (l2 / kl / ce); the
+cache must hold the targets the loss reads (`check_answers`), several caches must agree on the answer settings,
+and the online teacher recomputes the same targets from the cache's answer settings.
+
 Seams left for later: a manifest reader for online mode.
 """
 

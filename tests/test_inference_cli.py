@@ -252,18 +252,34 @@ def test_ask_answers_a_spoken_question_twice(run: dict, loaded) -> None:
     assert student_line.split(": ", 1)[1].strip() == expected
 
 
-def test_ablate_trains_each_variant_and_writes_one_table(run: dict, tiny_llama: Path) -> None:
+def test_ablate_trains_each_variant_and_writes_one_table(run: dict, speech_dir: Path, tiny_llama: Path) -> None:
     out = run["base"] / "ablations"
-    args = ["ablate", "--cache", str(run["base"] / "data" / "cache"), "--manifest", str(run["manifest"]), "--out",
-            str(out), "-c", "tiny", "--set", f"models.whisper={run['base'] / 'whisper'}", "--set",
-            f"models.llm={tiny_llama}", "--set", "train.batch_size=2", "--set", "runtime.threads=1", "--steps", "2",
-            "--variants", "both_losses,mlp", "--limit", "3", "--device", "cpu"]  # fmt: skip
-    _invoke(args)
-    table = (out / "ablations.md").read_text().splitlines()
-    assert any(line.startswith("| both losses (DiVA) |") for line in table)
-    assert any(line.startswith("| MLP adapter (pooled frames) |") for line in table)
+    answers = _build(speech_dir, _clips(speech_dir)[:6], tiny_llama, run["base"] / "answers", "cache.answer_tokens=4",
+                     "cache.answer_targets=ids")  # fmt: skip
+    common = ["--cache", str(run["base"] / "data" / "cache"), "--manifest", str(run["manifest"]), "--out", str(out),
+              "-c", "tiny", "--set", f"models.whisper={run['base'] / 'whisper'}", "--set", f"models.llm={tiny_llama}",
+              "--set", "train.batch_size=2", "--set", "runtime.threads=1", "--steps", "2", "--limit", "3",
+              "--device", "cpu"]  # fmt: skip
+    refused = CliRunner().invoke(app, ["ablate", *common, "--variants", "both_losses,answer_kl"])
+    assert refused.exit_code == 2 and "--answer-cache topk=DIR" in refused.output
+    _invoke(["ablate", *common, "--variants", "both_losses,mlp,answer_ce", "--answer-cache", f"ids={answers}",
+             "--real", str(run["manifest"])])  # fmt: skip
+    text = (out / "ablations.md").read_text()
+    table = text.splitlines()
+    for label in ("both losses (DiVA)", "MLP adapter (pooled frames)", "+ whole-answer CE (answer ids)"):
+        assert sum(line.startswith(f"| {label} |") for line in table) == 5, label  # 2 sets x (metrics, diffs) + cost
+    assert "## held-out" in text and "## real" in text and "## Cost" in text
+    diff_line = next(line for line in table if line.startswith("| + whole-answer CE") and "[" in line)
+    assert diff_line.count("[") == 5  # one interval per difference column
     data = json.loads((out / "ablations.json").read_text())
-    assert set(data["rows"]) == {"both_losses", "mlp"} and all(r["n"] == 3 for r in data["rows"].values())
+    assert set(data["rows"]) == {"both_losses", "mlp", "answer_ce"} and data["reference"] == "both_losses"
+    for row in data["rows"].values():
+        assert set(row["sets"]) == {"held-out", "real"} and all(s["n"] == 3 for s in row["sets"].values())
+        assert row["s_per_utterance"] > 0 and row["cache_bytes_per_utterance"] > 0
+    same = data["rows"]["both_losses"]["sets"]["held-out"]["vs_reference"]["top1_agree"]
+    assert same["diff"] == same["low"] == same["high"] == 0.0 and same["verdict"] == "tie"  # the reference vs itself
+    assert data["rows"]["answer_ce"]["cache"] == str(answers)
+    assert "answer_loss: ce" in (out / "answer_ce" / "config.yaml").read_text()
     mlp_config = (out / "mlp" / "config.yaml").read_text()
     assert "adapter: mlp" in mlp_config and (out / "mlp" / "checkpoints" / "step_000002").is_dir()
 

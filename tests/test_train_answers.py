@@ -22,7 +22,7 @@ from diva.student.model import DiVAStudent, StudentConfig
 from diva.student.train import TrainConfig, open_online_teacher, train
 from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.prompt import PromptSpec
-from tests.test_train import _build, _clips, _records
+from diva.tests.test_train import _build, _clips, _records
 
 RUNTIME = RuntimeConfig(device="cpu", dtype="float32", threads=1, seed=0)
 STUDENT = StudentConfig(num_queries=8, long_text="truncate", reuse_prefix_kv=True)
