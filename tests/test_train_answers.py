@@ -193,3 +193,15 @@ def test_caches_without_the_needed_targets_are_refused(caches, tiny_whisper, tin
               replace(STUDENT, answer_weight=1.0, answer_loss="kl"), _train_cfg(steps=1), RUNTIME)  # fmt: skip
     config = json.loads(json.dumps(read_index(caches["topk"])["fingerprint"]))
     assert config["answer_targets"] == "topk" and config["answer_topk"] == 8
+
+
+def test_caches_with_other_answers_are_not_mixed() -> None:
+    from diva.student.train import check_mixable
+
+    fingerprint = {"teacher_weights_sha256": "abc", "prefix_ids": [1, 2], "suffix_ids": [3], "dtype": "float32",
+                   "hidden_size": 128, "answer_tokens": 32, "answer_targets": "hidden", "answer_stop_ids": [2]}
+    check_mixable({Path("a"): {"fingerprint": fingerprint}, Path("b"): {"fingerprint": dict(fingerprint)}})  # fine
+    for change in ({"answer_tokens": 16}, {"answer_targets": "topk", "answer_topk": 8}):
+        other = {Path("a"): {"fingerprint": fingerprint}, Path("b"): {"fingerprint": {**fingerprint, **change}}}
+        with pytest.raises(CacheError, match="cannot mix a and b: their answer_"):
+            check_mixable(other)
