@@ -203,9 +203,6 @@ def build_cache(
     from diva.teacher_cache.backends import open_backend
 
     start = time.perf_counter()
-    if cfg.answer_tokens and cfg.backend == "vllm":
-        raise CacheError("cache.answer_tokens > 0 is not implemented in the vllm backend yet; build the answer "
-                         "targets with --set cache.backend=hf (the same targets, the reference backend)")  # fmt: skip
     runtime = runtime or RuntimeConfig()
     out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
