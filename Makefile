@@ -29,7 +29,7 @@ REAL_CLIPS   = awk -F'\t' -v d=$(abspath $(SPEECH)) 'BEGIN {print "file\ttranscr
   NR > 1 && $$3 == "en" && $$2 != "" {row = d "/" $$1 "\t" $$2; if ($$1 ~ /^fsdd\//) digits = digits row "\n"; else print row} \
   END {printf "%s", digits}' $(SPEECH)/transcripts.tsv
 
-.PHONY: help install install-vllm system-deps models tiny demo ablations cache test lint clean bench
+.PHONY: help install install-vllm system-deps models tiny demo ablations answer-ablations cache test lint clean bench
 
 help:
 	@echo "make demo          the whole pipeline on the embedded default models (installs first)"
@@ -39,6 +39,7 @@ help:
 	@echo "make models        convert the embedded default models into \$$DIVA_HOME/models"
 	@echo "make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]  build a teacher cache"
 	@echo "make ablations     after make demo: shorter demo runs varying one choice each, one table"
+	@echo "make answer-ablations  after make demo: the whole-answer losses (L2, KL, CE) against the demo preset"
 	@echo "make lint          ruff"
 	@echo "make bench [BENCH_ARGS=--quick]  the benchmarks (needs make demo's outputs) -> bench/results/SUMMARY.md"
 
@@ -119,6 +120,21 @@ ablations: models
 	  echo "make ablations trains on the demo's teacher caches: run make demo first"; exit 2; }
 	$(BIN)/diva ablate --cache $(DEMO_DIR)/cache/train --eval-cache $(DEMO_DIR)/cache/dev \
 	  --manifest $(DEMO_DIR)/manifests/test --out $(DEMO_DIR)/ablations -c $(CONFIG) --steps $(ABLATION_STEPS)
+
+# The whole-answer variants (student.answer_weight=1 with L2, KL or CE) against the demo preset on answer caches of
+# the demo's train manifest (32-token answers; hidden-state and top-32 targets), both held-out sets, ANSWER_STEPS each
+# -> $(DEMO_DIR)/answer_ablations/ablations.md
+ANSWER_STEPS ?= 250
+answer-ablations: models
+	@test -f $(DEMO_DIR)/cache/train/index.json -a -f $(DEMO_DIR)/real/manifest/manifest.jsonl.gz || { \
+	  echo "make answer-ablations trains on the demo's caches and scores its real recordings: run make demo first"; exit 2; }
+	for kind in hidden topk; do \
+	  $(BIN)/diva cache build $(DEMO_DIR)/manifests/train -o $(DEMO_DIR)/cache_answers_$$kind/train -c $(CONFIG) \
+	    --set cache.answer_tokens=32 --set cache.answer_targets=$$kind --set cache.answer_topk=32 || exit 1; done
+	$(BIN)/diva ablate --cache $(DEMO_DIR)/cache/train --eval-cache $(DEMO_DIR)/cache/dev --manifest $(DEMO_DIR)/manifests/test \
+	  --real $(DEMO_DIR)/real/manifest --out $(DEMO_DIR)/answer_ablations -c $(CONFIG) --steps $(ANSWER_STEPS) \
+	  --limit $(REPORT_ROWS) --batch-size $(REPORT_BATCH) --variants both_losses,answer_l2,answer_kl,answer_ce \
+	  --answer-cache hidden=$(DEMO_DIR)/cache_answers_hidden/train --answer-cache topk=$(DEMO_DIR)/cache_answers_topk/train
 
 cache: install
 	@test -n "$(MANIFEST)" -a -n "$(OUT)" || { echo "usage: make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]"; exit 2; }
