@@ -205,3 +205,31 @@ def test_caches_with_other_answers_are_not_mixed() -> None:
         other = {Path("a"): {"fingerprint": fingerprint}, Path("b"): {"fingerprint": {**fingerprint, **change}}}
         with pytest.raises(CacheError, match="cannot mix a and b: their answer_"):
             check_mixable(other)
+
+
+def test_torchrun_two_ranks_train_the_answer_loss_to_equal_weights(caches, tiny_whisper, tiny_llama, tmp_path) -> None:
+    """Under torchrun (gloo, CPU) the whole-answer term's gradients are averaged like the DiVA losses': both ranks
+    end with the same weights, and rank 0 logs the answer loss."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from diva.tests.test_train import _free_port
+
+    run, debug = tmp_path / "run", tmp_path / "debug"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "diva.cli", "train",
+               "--cache", str(caches["topk"]), "--out", str(run), "-c", "tiny",
+               "--set", f"models.whisper={tiny_whisper}", "--set", f"models.llm={tiny_llama}",
+               "--set", "train.steps=3", "--set", "train.batch_size=2", "--set", "runtime.threads=1",
+               "--set", "student.answer_weight=1", "--set", "student.answer_loss=kl"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIVA_DEBUG_RANK_DIR": str(debug)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    ids = [json.loads((debug / f"rank{r}_ids.json").read_text()) for r in range(2)]
+    assert not set(ids[0]) & set(ids[1])
+    w0, w1 = (load_file(str(debug / f"rank{r}.safetensors")) for r in range(2))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert all(np.isfinite(r["answer"]) for r in _records(run))
