@@ -150,6 +150,18 @@ class StudentConfig:
     align_weight: float = doc(
         "Weight of L_align = mean over (b, n) of ||v_{Q-N+n} - E(t_n)||_2 (0: distill-only).", default=1.0
     )
+    align_loss: Literal["l2", "ce", "l2+ce"] = doc(
+        "The alignment's form. l2: ||v - E(t_n)||_2 (the paper). ce: cross-entropy over the LLM's vocabulary with the "
+        "frozen input-embedding table as the classifier (logits v E^T, target t_n): it says which token, where L2 to "
+        "one point of a space in which many tokens are close says little. l2+ce: their sum.",
+        default="l2",
+    )
+    align_slots: Literal["last", "first"] = doc(
+        "Which audio tokens are aligned to the N transcript tokens: last (the last N of Q, the paper: every slot must "
+        "know N) or first (the first N: a slot needs only its position). long_text truncation keeps the transcript's "
+        "end under last, its start under first.",
+        default="last",
+    )
     kl_weight: float = doc(
         "Weight of KL(teacher || student) on the next-token distribution at the last position (0: off; "
         "above 0 the student keeps the LLM's lm_head).",
@@ -220,6 +232,9 @@ class StudentConfig:
                 "student: distill_weight, align_weight, kl_weight, xopd_weight and answer_weight are all 0; nothing "
                 "would train"
             )
+        if self.align_loss not in ("l2", "ce", "l2+ce") or self.align_slots not in ("last", "first"):
+            raise ConfigError(f"student.align_loss must be l2, ce or l2+ce and student.align_slots last or first, got "
+                              f"{self.align_loss!r}, {self.align_slots!r}")  # fmt: skip
         if self.answer_loss not in ("l2", "kl", "ce"):
             raise ConfigError(f"student.answer_loss must be l2, kl or ce, got {self.answer_loss!r}")
         if not self.answer_temperature > 0:

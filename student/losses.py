@@ -2,6 +2,8 @@
 
     L_distill = mean_b ||h_S - h_T||_2                             Euclidean norm, not squared
     L_align   = mean over (b, n) of ||v_{Q-N+n} - E(t_n)||_2      the LAST N of the Q audio tokens, n = 1..N
+                (student.align_slots first: v_n instead; student.align_loss ce: -log softmax(v E^T)[t_n], the
+                input-embedding table as a classifier over the vocabulary; l2+ce: both)
     L_kl      = KL(p_T || p_S) of the next-token distributions lm_head(h_T), lm_head(h_S)
 
 and, with whole-answer targets (student.answer_weight > 0; K_b answer tokens of row b, target k where answer
@@ -54,40 +56,90 @@ def distill_loss(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(h_s.float() - h_t.float(), dim=-1).mean()
 
 
-def align_loss(
-    audio_tokens: torch.Tensor, target_embeddings: list[torch.Tensor], rule: Literal["skip", "truncate"] = "skip"
-) -> tuple[torch.Tensor, AlignStats]:
-    """mean over (b, n) of ||v_{Q-N_b+n} - E(t_n)||_2: the last N_b of Q audio tokens (B, Q, d) against each row's
-    transcript embeddings (N_b, d). Rows with N_b >= Q are skipped or truncated to their last Q - 1 tokens."""
-    batch, num_queries = audio_tokens.shape[:2]
-    if len(target_embeddings) != batch:
-        raise ValueError(f"{len(target_embeddings)} target rows for a batch of {batch}")
+def align_pairs(
+    num_queries: int, lengths: list[int], rule: Literal["skip", "truncate"] = "skip", layout: str = "last"
+) -> tuple[list[tuple[int, int, int]], torch.Tensor, AlignStats]:
+    """Which audio token meets which transcript token: [(row b, first kept token, past the last kept token)] and the
+    0-based slots (P,) in the same order. `layout` "last": the last N_b of Q slots (the paper); "first": the first N_b.
+    Rows with N_b >= Q are skipped or truncated to Q - 1 tokens (the end under "last", so v_Q still meets t_N; the
+    start under "first"), and counted."""
     if rule not in ("skip", "truncate"):
         raise ValueError(f"unknown long-text rule {rule!r}; choose skip or truncate")
-    stats = AlignStats(rows=batch)
-    rows, slots, targets = [], [], []
-    for b, target in enumerate(target_embeddings):
-        n = target.shape[0]
+    if layout not in ("last", "first"):
+        raise ValueError(f"unknown alignment slots {layout!r}; choose last or first")
+    stats = AlignStats(rows=len(lengths))
+    kept, slots = [], []
+    for b, n in enumerate(lengths):
         if n == 0:
             stats.empty += 1
             continue
+        start, stop = 0, n
         if n >= num_queries:
             if rule == "skip":
                 stats.skipped += 1
                 continue
             stats.truncated += 1
-            target, n = target[n - (num_queries - 1) :], num_queries - 1  # keep the end: v_Q still meets t_N
-        rows.append(torch.full((n,), b, dtype=torch.long))
-        slots.append(torch.arange(num_queries - n, num_queries))  # 0-based v_{Q-N+1} .. v_Q
-        targets.append(target)
+            start, stop = (n - (num_queries - 1), n) if layout == "last" else (0, num_queries - 1)
+        width = stop - start
+        kept.append((b, start, stop))
+        slots.append(torch.arange(num_queries - width, num_queries) if layout == "last" else torch.arange(width))
         stats.aligned += 1
-    if not targets:  # nothing to align: a zero that still connects to the graph
+    stats.pairs = sum(stop - start for _, start, stop in kept)
+    return kept, torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long), stats
+
+
+def align_loss(
+    audio_tokens: torch.Tensor,
+    target_embeddings: list[torch.Tensor],
+    rule: Literal["skip", "truncate"] = "skip",
+    layout: str = "last",
+    kind: str = "l2",
+    target_ids: list[torch.Tensor] | None = None,
+    table: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, AlignStats]:
+    """The alignment of the audio tokens v (B, Q, d) to each row's transcript (`align_pairs`: which slots), averaged
+    over the (b, n) pairs. kind "l2": ||v - E(t_n)||_2 against the transcript embeddings (N_b, d) (the paper); "ce":
+    cross-entropy of v E^T over the vocabulary against t_n (the frozen input-embedding table (V, d) as the
+    classifier: which token, not only near which tokens; needs `target_ids` and `table`); "l2+ce": their sum."""
+    batch, num_queries = audio_tokens.shape[:2]
+    if len(target_embeddings) != batch:
+        raise ValueError(f"{len(target_embeddings)} target rows for a batch of {batch}")
+    if kind not in ("l2", "ce", "l2+ce"):
+        raise ValueError(f"unknown alignment loss {kind!r}; choose l2, ce or l2+ce")
+    kept, slots, stats = align_pairs(num_queries, [t.shape[0] for t in target_embeddings], rule, layout)
+    if not kept:  # nothing to align: a zero that still connects to the graph
         return audio_tokens.float().sum() * 0.0, stats
     device = audio_tokens.device
-    v = audio_tokens[torch.cat(rows).to(device), torch.cat(slots).to(device)]  # (P, d) P = sum of N_b
-    e = torch.cat(targets).to(device)  # (P, d)
-    stats.pairs = e.shape[0]
-    return torch.linalg.vector_norm(v.float() - e.float(), dim=-1).mean(), stats
+    rows = torch.cat([torch.full((stop - start,), b, dtype=torch.long) for b, start, stop in kept])
+    v = audio_tokens[rows.to(device), slots.to(device)]  # (P, d) P = sum of the aligned N_b
+    loss = v.float().sum() * 0.0
+    if kind in ("l2", "l2+ce"):
+        e = torch.cat([target_embeddings[b][start:stop] for b, start, stop in kept]).to(device)  # (P, d)
+        loss = loss + torch.linalg.vector_norm(v.float() - e.float(), dim=-1).mean()
+    if kind in ("ce", "l2+ce"):
+        if target_ids is None or table is None:
+            raise ValueError("the cross-entropy alignment needs the transcripts' ids and the input-embedding table")
+        ids = torch.cat([torch.as_tensor(target_ids[b])[start:stop] for b, start, stop in kept]).to(device)  # (P,)
+        logits = F.linear(v.to(table.dtype), table).float()  # (P, vocab): v E^T
+        loss = loss + F.cross_entropy(logits, ids.long())
+    return loss, stats
+
+
+@torch.no_grad()
+def align_accuracy(
+    audio_tokens: torch.Tensor, target_ids: list[torch.Tensor], table: torch.Tensor, rule: str = "skip",
+    layout: str = "last",
+) -> tuple[int, int]:
+    """(correct, pairs): how many aligned slots' best-scoring vocabulary token (argmax v E^T) is the transcript's
+    token t_n, over the slots `align_pairs` aligns: whether the audio tokens carry the words."""
+    kept, slots, _ = align_pairs(audio_tokens.shape[1], [len(t) for t in target_ids], rule, layout)  # type: ignore[arg-type]
+    if not kept:
+        return 0, 0
+    device = audio_tokens.device
+    rows = torch.cat([torch.full((stop - start,), b, dtype=torch.long) for b, start, stop in kept]).to(device)
+    ids = torch.cat([torch.as_tensor(target_ids[b])[start:stop] for b, start, stop in kept]).to(device)
+    best = F.linear(audio_tokens[rows, slots.to(device)].to(table.dtype), table).argmax(-1)  # (P,)
+    return int((best == ids).sum()), int(ids.numel())
 
 
 def kl_loss(h_s: torch.Tensor, h_t: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
@@ -148,9 +200,12 @@ def combined_loss(
     cfg: StudentConfig,
     lm_head: nn.Module | None = None,
     answers: AnswerBatch | None = None,
+    target_ids: list[torch.Tensor] | None = None,
+    table: torch.Tensor | None = None,
 ) -> LossOutput:
     """distill_weight * L_distill + align_weight * L_align + kl_weight * L_kl + answer_weight * L_answer; parts with
-    weight 0 are not computed."""
+    weight 0 are not computed. `target_ids` and `table` (the transcripts' ids, the LLM's input-embedding table) feed
+    the cross-entropy alignment (student.align_loss ce or l2+ce)."""
     h_t = h_t.to(out.h_s.device)
     total = out.h_s.new_zeros((), dtype=torch.float32)
     result = LossOutput(total=total)
@@ -160,7 +215,8 @@ def combined_loss(
     if cfg.align_weight > 0:
         if target_embeddings is None:
             raise ValueError("align_weight > 0 needs the transcripts' input embeddings E(t)")
-        result.parts["align"], result.align_stats = align_loss(out.audio_tokens, target_embeddings, cfg.long_text)
+        result.parts["align"], result.align_stats = align_loss(out.audio_tokens, target_embeddings, cfg.long_text,
+                                                               cfg.align_slots, cfg.align_loss, target_ids, table)
         total = total + cfg.align_weight * result.parts["align"]
     if cfg.kl_weight > 0:
         if lm_head is None:

@@ -89,7 +89,7 @@ from diva.student.data import (
 )
 from diva.student.distributed import SINGLE, Dist
 from diva.student.generate import eos_token_ids
-from diva.student.losses import align_loss, combined_loss, distill_loss, kl_loss
+from diva.student.losses import align_accuracy, align_loss, combined_loss, distill_loss, kl_loss
 from diva.student.model import DiVAStudent, StudentConfig
 from diva.student.xopd import XOPDTerm
 from diva.teacher_cache.index import CacheError
@@ -325,7 +325,9 @@ def train_step(
         batch, position = next(batches)
         answer_ids = batch.answers.ids if student_cfg.answer_weight > 0 and batch.answers is not None else None
         out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths, answer_ids=answer_ids)
-        loss = combined_loss(out, batch.h_t, batch.targets, student_cfg, student.lm_head, batch.answers)
+        ids = [torch.tensor(t, dtype=torch.long) for t in batch.text_ids]
+        table = student.llm.get_input_embeddings().weight  # (vocab, d_llm) frozen: the ce alignment's classifier
+        loss = combined_loss(out, batch.h_t, batch.targets, student_cfg, student.lm_head, batch.answers, ids, table)
         if xopd is not None:
             loss.parts["xopd"], stats = xopd(student, out.audio_tokens, batch.text_ids, student_cfg)
             loss.total = loss.total + student_cfg.xopd_weight * loss.parts["xopd"]
@@ -380,7 +382,10 @@ def evaluate(
     """Held-out scores of the student, of the audio-blind control (each row fed the previous row's audio: the
     batch rolled by one, scored against the row's own h_T) and of the mean-h_T predictor (the train set's mean
     h_T as h_S for every row). `blind_same_text` is the fraction of rows whose borrowed audio says the same
-    transcript: the control cannot tell those apart, so a high fraction makes it weak."""
+    transcript: the control cannot tell those apart, so a high fraction makes it weak. `align` is the L2 alignment
+    on student.align_slots whatever student.align_loss trains; `align_acc` the share of aligned slots whose best
+    vocabulary token (argmax v E^T) is the transcript's, beside `align_acc_constant`: the same for one constant
+    vector in every slot (each batch's mean transcript embedding), the score of audio tokens that carry no words."""
     was_training = student.training
     student.eval()
     sums: dict[str, float] = {}
@@ -393,8 +398,14 @@ def evaluate(
     for batch in batches:
         out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths)
         add(prediction_scores(out.h_s, batch.h_t, lm_head, ""))
-        align, stats = align_loss(out.audio_tokens, batch.targets, student_cfg.long_text)
+        align, stats = align_loss(out.audio_tokens, batch.targets, student_cfg.long_text, student_cfg.align_slots)
         add({"align": float(align) * stats.pairs})
+        table = student.llm.get_input_embeddings().weight  # (vocab, d_llm)
+        ids = [torch.tensor(t, dtype=torch.long) for t in batch.text_ids]
+        correct, _ = align_accuracy(out.audio_tokens, ids, table, student_cfg.long_text, student_cfg.align_slots)
+        constant = torch.cat(batch.targets).mean(0).expand(out.audio_tokens.shape)  # (B, Q, d): one vector everywhere
+        const_correct, _ = align_accuracy(constant, ids, table, student_cfg.long_text, student_cfg.align_slots)
+        add({"align_acc": float(correct), "align_acc_constant": float(const_correct)})
         pairs, skipped, truncated = pairs + stats.pairs, skipped + stats.skipped, truncated + stats.truncated
         blind = student(encoder_out=batch.encoder_out.roll(1, 0), encoder_lengths=batch.encoder_lengths.roll(1, 0))
         add(prediction_scores(blind.h_s, batch.h_t, lm_head, "blind_"))
@@ -403,8 +414,10 @@ def evaluate(
         add(prediction_scores(mean, batch.h_t, lm_head, "mean_ht_"))
         rows += batch.h_t.shape[0]
     student.train(was_training)
-    metrics = {key: value / rows for key, value in sums.items() if key != "align"}
-    metrics["align"] = sums.get("align", 0.0) / pairs if pairs else float("nan")
+    per_pair = ("align", "align_acc", "align_acc_constant")
+    metrics = {key: value / rows for key, value in sums.items() if key not in per_pair}
+    for key in per_pair:  # means over the aligned (b, n) pairs
+        metrics[key] = sums.get(key, 0.0) / pairs if pairs else float("nan")
     counts = {"rows": rows, "align_skipped": skipped, "align_truncated": truncated}
     return {**metrics, **counts, "blind_same_text": same_text / rows}
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diva.config import ConfigError
 from diva.student.features import encoder_frames_for, log_mel
-from diva.student.losses import align_loss, combined_loss, distill_loss, kl_loss
+from diva.student.losses import align_accuracy, align_loss, combined_loss, distill_loss, kl_loss
 from diva.student.model import (
     DiVAStudent,
     MLPAdapter,
@@ -227,6 +228,42 @@ def test_long_transcripts_are_skipped_or_truncated_and_counted() -> None:
         terms += [torch.linalg.norm(v[row, 1 + n] - kept[n]) for n in range(3)]
     torch.testing.assert_close(loss, torch.stack(terms).mean())
     assert (stats.aligned, stats.skipped, stats.truncated, stats.pairs) == (3, 0, 2, 8)
+
+
+def test_first_slots_and_the_cross_entropy_alignment() -> None:
+    torch.manual_seed(0)
+    table = torch.randn(50, 64)  # (vocab, d): the frozen input-embedding table as the classifier
+    ids = [torch.tensor([3, 7]), torch.tensor([1, 2, 3, 4, 5, 6])]  # N = 2 < Q; N = 6 > Q = 4 (truncated)
+    targets = [table[i] for i in ids]
+    v = torch.randn(2, 4, 64)
+    loss, stats = align_loss(v, targets, "truncate", "first")  # the FIRST N slots; truncation keeps the start
+    pairs = [(0, 0, 0), (0, 1, 1), (1, 0, 0), (1, 1, 1), (1, 2, 2)]  # (row, slot, transcript position)
+    direct = torch.stack([torch.linalg.norm(v[b, q] - targets[b][n]) for b, q, n in pairs]).mean()
+    torch.testing.assert_close(loss, direct)
+    assert (stats.pairs, stats.truncated) == (5, 1)
+    ce, _ = align_loss(v, targets, "truncate", "first", "ce", ids, table)
+    logits = torch.stack([v[b, q] @ table.T for b, q, _ in pairs])  # (5, vocab): v E^T
+    torch.testing.assert_close(ce, F.cross_entropy(logits, torch.stack([ids[b][n] for b, _, n in pairs])))
+    both, _ = align_loss(v, targets, "truncate", "first", "l2+ce", ids, table)
+    torch.testing.assert_close(both, direct + ce)
+    last, _ = align_loss(v, targets, "truncate", "last", "ce", ids, table)  # the end kept, at the last slots
+    pairs = [(0, 2, 0), (0, 3, 1), (1, 1, 3), (1, 2, 4), (1, 3, 5)]
+    logits = torch.stack([v[b, q] @ table.T for b, q, _ in pairs])
+    torch.testing.assert_close(last, F.cross_entropy(logits, torch.stack([ids[b][n] for b, _, n in pairs])))
+    with pytest.raises(ValueError, match="needs the transcripts' ids"):
+        align_loss(v, targets, "truncate", "first", "ce")
+
+
+def test_align_accuracy_counts_slots_whose_best_token_is_the_transcripts() -> None:
+    torch.manual_seed(0)
+    table = torch.randn(50, 64)
+    ids = [torch.tensor([3, 7, 9])]
+    v = torch.randn(1, 5, 64) * 0.01
+    v[0, 2:] = table[ids[0]]  # the last 3 slots hold the transcript's own embeddings
+    assert align_accuracy(v, ids, table, layout="last") == (3, 3)
+    assert align_accuracy(v, ids, table, layout="first")[0] < 3  # the first slots hold noise
+    v[0, 3] = table[11]  # one slot says another word
+    assert align_accuracy(v, ids, table, layout="last") == (2, 3)
 
 
 def test_align_loss_with_every_row_skipped_is_a_connected_zero() -> None:

@@ -667,3 +667,20 @@ def test_xopd_stage_starts_from_a_trained_run_and_resumes_exactly(caches, tiny_w
     with pytest.raises(CheckpointError, match="Q 8"):
         other = replace(stage, num_queries=4)
         train(caches["train"], tmp_path / "other", tiny_whisper, tiny_llama, other, cfg, RUNTIME)
+
+
+def test_cross_entropy_alignment_on_the_first_slots_trains_and_reports_accuracy(caches, tiny_whisper, tiny_llama,
+                                                                                 tmp_path: Path) -> None:
+    """student.align_loss=ce, align_slots=first: the alignment term is the vocabulary cross-entropy and falls; the
+    held-out evaluation reports the aligned slots' token accuracy beside a constant's (10 steps of a tiny random
+    model do not make the held-out speakers' slots right: `align_accuracy` itself is checked in test_student_model)."""
+    from dataclasses import replace
+
+    cfg = replace(STUDENT, align_loss="ce", align_slots="first")
+    train(caches["train"], tmp_path / "run", tiny_whisper, tiny_llama, cfg, _train_cfg(steps=10), RUNTIME,
+          caches["eval"])  # fmt: skip
+    records = _records(tmp_path / "run")
+    assert records[-1]["align"] < records[0]["align"]
+    held_out = _records(tmp_path / "run", "eval")[-1]
+    assert 0 <= held_out["align_acc"] <= 1 and 0 < held_out["align_acc_constant"] <= 1  # the digits' common token
+    assert held_out["align"] > 0  # the held-out L_align (L2) is still reported, whatever the training form
