@@ -325,8 +325,10 @@ def train_step(
         batch, position = next(batches)
         answer_ids = batch.answers.ids if student_cfg.answer_weight > 0 and batch.answers is not None else None
         out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths, answer_ids=answer_ids)
-        ids = [torch.tensor(t, dtype=torch.long) for t in batch.text_ids]
-        table = student.llm.get_input_embeddings().weight  # (vocab, d_llm) frozen: the ce alignment's classifier
+        ids = table = None
+        if student_cfg.align_weight > 0 and student_cfg.align_loss != "l2":  # the ce alignment's targets, classifier
+            ids = [torch.tensor(t, dtype=torch.long) for t in batch.text_ids]
+            table = student.llm.get_input_embeddings().weight  # (vocab, d_llm) frozen
         loss = combined_loss(out, batch.h_t, batch.targets, student_cfg, student.lm_head, batch.answers, ids, table)
         if xopd is not None:
             loss.parts["xopd"], stats = xopd(student, out.audio_tokens, batch.text_ids, student_cfg)
