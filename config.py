@@ -162,6 +162,11 @@ class StudentConfig:
         "end under last, its start under first.",
         default="last",
     )
+    align_warmup_steps: int = doc(
+        "Optimizer steps at the start that train the alignment alone (every other loss weighted 0 until then), so the "
+        "audio tokens learn to carry the words before the LLM's answer pulls on them. 0: off.",
+        default=0,
+    )
     kl_weight: float = doc(
         "Weight of KL(teacher || student) on the next-token distribution at the last position (0: off; "
         "above 0 the student keeps the LLM's lm_head).",
@@ -235,6 +240,9 @@ class StudentConfig:
         if self.align_loss not in ("l2", "ce", "l2+ce") or self.align_slots not in ("last", "first"):
             raise ConfigError(f"student.align_loss must be l2, ce or l2+ce and student.align_slots last or first, got "
                               f"{self.align_loss!r}, {self.align_slots!r}")  # fmt: skip
+        if self.align_warmup_steps < 0 or (self.align_warmup_steps > 0 and self.align_weight == 0):
+            raise ConfigError(f"student.align_warmup_steps must be >= 0 and needs align_weight > 0, got "
+                              f"{self.align_warmup_steps} with align_weight {self.align_weight}")  # fmt: skip
         if self.answer_loss not in ("l2", "kl", "ce"):
             raise ConfigError(f"student.answer_loss must be l2, kl or ce, got {self.answer_loss!r}")
         if not self.answer_temperature > 0:

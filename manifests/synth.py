@@ -1,8 +1,11 @@
-"""`diva corpus synth`: the demo's speech corpus, spoken by flite voices and written as a Common Voice
-language folder (clips/*.mp3, train/dev/test.tsv, clip_durations.tsv), so the demo goes through the same
-importer real users use.
+"""`diva corpus synth`: the demo's speech corpus, spoken by synthetic voices (manifests.voices: flite, piper)
+and varied by manifests.effects (pitch-and-formant shift, room, noise), written as a Common Voice language folder
+(clips/*.mp3, train/dev/test.tsv, clip_durations.tsv), so the demo goes through the same importer real users use.
 
-Clips are named by a hash of what they hold (text, voice, speed, sample rate), written under a temporary
+Optionally a fourth table, unseen.tsv: the test sentences spoken by voices that no other split uses (clean: speed 1,
+no effects), to measure how a student trained on the corpus does on a voice it never heard.
+
+Clips are named by a hash of what they hold (text, voice, speed, effects, sample rate), written under a temporary
 name and renamed, so an interrupted run resumes where it stopped and never reuses a clip made for other
 options. The tables and synth_stats.json are written last: a folder without synth_stats.json is not finished.
 A sample of the clips, stratified over voices and speeds, is transcribed with Whisper to measure how
@@ -13,12 +16,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
 import json
 import os
 import random
-import shutil
-import subprocess
 import threading
 import time
 from collections import Counter, defaultdict
@@ -32,7 +32,9 @@ import numpy as np
 import soundfile as sf
 
 from diva import __version__
+from diva.manifests.effects import Effects, apply_effects
 from diva.manifests.sentences import SPLITS, Sentence, draw_sentences
+from diva.manifests.voices import VOICE_FACTS, SynthError, check_voices, engine_versions, parse_voice, speak
 
 CV_COLUMNS = (
     "client_id",
@@ -56,20 +58,11 @@ CLIP_FORMAT = 1  # part of every clip's name: bump when the same inputs would gi
 MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 MAX_TOKENS = 96  # transcript tokens per clip: a sentence needs < 40; caps a hallucination loop
 PEAK = 0.89  # about -1 dBFS: headroom for resampling and MP3 overshoot
-# What Common Voice's gender and accents columns would say of each flite voice.
-VOICE_FACTS = {
-    "slt": ("female_feminine", "United States English"),
-    "rms": ("male_masculine", "United States English"),
-    "awb": ("male_masculine", "Scottish English"),
-    "kal": ("male_masculine", "United States English"),
-    "kal16": ("male_masculine", "United States English"),
-}
+UNSEEN = "unseen"  # the split of the voices kept out of train, dev and test
+TABLES = (*SPLITS, UNSEEN)
 
 Progress = Callable[[str], None]
-
-
-class SynthError(RuntimeError):
-    """Synthesis cannot run or failed (flite missing, an unknown voice, a clip flite could not speak)."""
+__all__ = ["SynthError", "SynthOptions", "plan_clips", "synthesize_corpus"]
 
 
 @dataclass(frozen=True)
@@ -79,18 +72,26 @@ class SynthOptions:
     train_size: int = 2000  # utterances in train.tsv
     dev_size: int = 100  # utterances in dev.tsv (held out: no template-and-filler combination of train)
     test_size: int = 200  # utterances in test.tsv (held out, like dev)
-    # flite voices (`flite -lv`), used in turn. Left out: kal/kal16 (Whisper tiny.en WER ~24%), awb_time (clock
-    # times only)
+    # voices (manifests.voices: flite names bare, piper:NAME), used in turn. Left out by default: kal/kal16
+    # (Whisper tiny.en WER ~24%), awb_time (clock times only)
     voices: tuple[str, ...] = ("slt", "rms", "awb")
     # speaking rates (1.0 = the voice's own; 1.2 = 20% faster), flite's duration_stretch = 1 / speed
     speeds: tuple[float, ...] = (0.85, 1.0, 1.2)
+    # pitch-and-formant shifts (manifests.effects; 1.0 = none), used in turn after voices and speeds
+    shifts: tuple[float, ...] = (1.0,)
+    reverb: float = 0.0  # share of the train/dev/test clips heard in a synthetic room ...
+    rt60_s: tuple[float, float] = (0.2, 0.8)  # ... with an RT60 drawn uniformly from this range
+    noise: float = 0.0  # share of the train/dev/test clips with pink noise added ...
+    snr_db: tuple[float, float] = (5.0, 30.0)  # ... at a signal-to-noise ratio drawn uniformly from this range
+    unseen_voices: tuple[str, ...] = ()  # voices for unseen.tsv only (never in train/dev/test), used in turn ...
+    unseen_size: int = 0  # ... speaking the first unseen_size test sentences (clean: speed 1, no effects)
     seed: int = 0  # picks the sentences (the train/dev/test regions of the template space are fixed)
     workers: int = 0  # clips synthesized at once (each runs a flite process); 0 = the CPU count
     wer_sample: int = 60  # clips transcribed with Whisper to measure WER (stratified over voices and speeds)
     sample_rate: int = 32_000  # Hz of the mono MP3 clips (recent Common Voice releases ship 32 kHz MP3)
 
     def __post_init__(self) -> None:
-        for name in ("train_size", "dev_size", "test_size", "workers", "wer_sample"):
+        for name in ("train_size", "dev_size", "test_size", "workers", "wer_sample", "unseen_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.voices or len(set(self.voices)) != len(self.voices):
@@ -99,6 +100,24 @@ class SynthOptions:
             raise ValueError(f"speeds must be a non-empty list without repeats, got {list(self.speeds)}")
         if any(not 0.5 <= s <= 2.0 for s in self.speeds):
             raise ValueError(f"speeds must lie in [0.5, 2.0], got {list(self.speeds)}")
+        shifts = self.shifts
+        if not shifts or len(set(shifts)) != len(shifts) or any(not 0.7 <= s <= 1.4 for s in shifts):
+            raise ValueError(f"shifts must be a non-empty list without repeats in [0.7, 1.4], got {list(self.shifts)}")
+        for name, (low, high), bounds in (("rt60_s", self.rt60_s, (0.05, 3.0)), ("snr_db", self.snr_db, (-10, 80))):
+            if not bounds[0] <= low <= high <= bounds[1]:
+                raise ValueError(f"{name} must be a range LOW,HIGH within {list(bounds)}, got {[low, high]}")
+        if not (0.0 <= self.reverb <= 1.0 and 0.0 <= self.noise <= 1.0):
+            raise ValueError(f"reverb and noise are shares of the clips in [0, 1], got {self.reverb}, {self.noise}")
+        for spec in (*self.voices, *self.unseen_voices):
+            parse_voice(spec)  # ValueError for an unknown engine
+        both = set(self.voices) & set(self.unseen_voices)
+        if both:
+            raise ValueError(f"an unseen voice must not speak train/dev/test too: {', '.join(sorted(both))}")
+        if self.unseen_size and not self.unseen_voices:
+            raise ValueError("unseen_size > 0 needs unseen_voices")
+        if self.unseen_size > self.test_size:
+            raise ValueError(f"unseen_size ({self.unseen_size}) speaks test sentences: at most test_size "
+                             f"({self.test_size})")  # fmt: skip
         if self.sample_rate not in MP3_RATES:
             raise ValueError(f"sample_rate {self.sample_rate} cannot be written as MP3; choose one of {MP3_RATES}")
 
@@ -106,22 +125,29 @@ class SynthOptions:
         """The options that decide the corpus's content (JSON-ready)."""
         data = asdict(self)
         del data["workers"]
+        defaults = asdict(SynthOptions())
+        for name in ("shifts", "reverb", "rt60_s", "noise", "snr_db", "unseen_voices", "unseen_size"):
+            if data[name] == defaults[name]:
+                del data[name]  # a corpus made before these options existed keeps its identity
         return json.loads(json.dumps(data))
 
 
 @dataclass(frozen=True)
 class Clip:
-    """One utterance to speak: its sentence, its voice and speed, and the file it goes to."""
+    """One utterance to speak: its sentence, its voice, speed and effects, and the file it goes to."""
 
     split: str
     sentence: Sentence
     voice: str
     speed: float
     sample_rate: int
+    effects: Effects = Effects()
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
         key = f"{CLIP_FORMAT}\x1f{self.voice}\x1f{self.speed:g}\x1f{self.sample_rate}\x1f{self.sentence.text}"
+        if self.effects.key():  # clean clips keep the names they had before effects existed
+            key += f"\x1f{self.effects.key()}"
         digest = hashlib.sha256(key.encode()).hexdigest()[:20]
         object.__setattr__(self, "name", f"diva_synth_{LOCALE}_{digest}.mp3")
 
@@ -129,30 +155,51 @@ class Clip:
 # --- planning ----------------------------------------------------------------------------------------------
 
 
+def draw_effects(options: SynthOptions, split: str, index: int, shift: float) -> Effects:
+    """Clip `index` of `split`'s room and noise, drawn from a generator seeded by the corpus seed, the split and
+    the index (so they do not change when another split grows)."""
+    if not (options.reverb or options.noise):
+        return Effects(shift=shift)
+    digest = hashlib.sha256(f"diva-synth-effects:{options.seed}:{split}:{index}".encode()).digest()
+    rng = random.Random(digest)
+    room = rng.random() < options.reverb
+    rt60 = round(rng.uniform(*options.rt60_s), 3)
+    noisy = rng.random() < options.noise
+    snr = round(rng.uniform(*options.snr_db), 2)
+    return Effects(shift=shift, rt60_s=rt60 if room else None, snr_db=snr if noisy else None)
+
+
 def plan_clips(options: SynthOptions) -> list[Clip]:
-    """Every clip of the corpus, split by split. Voices and speeds go in turn, so each split holds every
-    (voice, speed) pair about equally often; a text drawn again (sentences.REPEATS) takes the next pair it has
-    not been spoken with."""
+    """Every clip of the corpus, split by split. Voices, speeds and shifts go in turn (voices fastest), so each
+    split holds every combination about equally often; a text drawn again (sentences.REPEATS) takes the next
+    combination it has not been spoken with. Rooms and noise are drawn per clip (draw_effects). The unseen split
+    comes last: the first unseen_size test sentences, the unseen voices in turn, clean."""
     sizes = {"train": options.train_size, "dev": options.dev_size, "test": options.test_size}
-    pairs = [(voice, speed) for speed in options.speeds for voice in options.voices]  # voices vary fastest
-    drawn = draw_sentences(sizes, options.seed, max_repeats=len(pairs))
+    combos = [(voice, speed, shift) for shift in options.shifts for speed in options.speeds for voice in options.voices]
+    drawn = draw_sentences(sizes, options.seed, max_repeats=len(combos))
     clips = []
     for split in SPLITS:
-        spoken: dict[str, set[int]] = {}  # a recurring text's (voice, speed) pairs so far
+        spoken: dict[str, set[int]] = {}  # a recurring text's combinations so far
         for i, sentence in enumerate(drawn[split]):
             used = spoken.setdefault(sentence.text, set())
-            k = i % len(pairs)
-            while k in used:  # draw_sentences caps the recurrences at len(pairs), so a free pair exists
-                k = (k + 1) % len(pairs)
+            k = i % len(combos)
+            while k in used:  # draw_sentences caps the recurrences at len(combos), so a free one exists
+                k = (k + 1) % len(combos)
             used.add(k)
-            voice, speed = pairs[k]
-            clips.append(Clip(split, sentence, voice, speed, options.sample_rate))
+            voice, speed, shift = combos[k]
+            effects = draw_effects(options, split, i, shift)
+            clips.append(Clip(split, sentence, voice, speed, options.sample_rate, effects))
+    for i, sentence in enumerate(drawn["test"][: options.unseen_size]):
+        voice = options.unseen_voices[i % len(options.unseen_voices)]
+        clips.append(Clip(UNSEEN, sentence, voice, 1.0, options.sample_rate))
     return clips
 
 
 def client_id(voice: str) -> str:
-    """A stable Common Voice-like client id (128 hex digits) for a voice."""
-    return hashlib.sha512(f"diva-synth/flite/{voice}".encode()).hexdigest()
+    """A stable Common Voice-like client id (128 hex digits) for a voice (flite voices, written bare, keep the ids
+    they had before other engines)."""
+    key = f"diva-synth/flite/{voice}" if ":" not in voice else f"diva-synth/{voice}"
+    return hashlib.sha512(key.encode()).hexdigest()
 
 
 def sentence_id(text: str) -> str:
@@ -160,57 +207,27 @@ def sentence_id(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# --- flite -------------------------------------------------------------------------------------------------
+# --- rendering ---------------------------------------------------------------------------------------------
 
 
-def flite_voices() -> list[str]:
-    """The voices the installed flite offers; raises SynthError when flite is missing."""
-    if shutil.which("flite") is None:
-        raise SynthError("flite not found on PATH; install it (Debian/Ubuntu: apt-get install flite; `make install`)")
-    listing = subprocess.run(["flite", "-lv"], capture_output=True, text=True, check=True).stdout
-    return listing.split(":", 1)[-1].split()
-
-
-def flite_version() -> str:
-    out = subprocess.run(["flite", "--version"], capture_output=True, text=True).stdout
-    return next((line.split("version:", 1)[1].strip() for line in out.splitlines() if "version:" in line), "unknown")
-
-
-def check_voices(voices: Sequence[str]) -> None:
-    """Every voice must be one flite offers (or a .flitevox file)."""
-    available = flite_voices()
-    unknown = [v for v in voices if v not in available and not Path(v).is_file()]
-    if unknown:
-        raise SynthError(f"flite has no voice {', '.join(unknown)}; it offers {', '.join(available)}")
-
-
-def speak(text: str, voice: str, speed: float) -> tuple[np.ndarray, int]:
-    """flite's waveform for `text` (float32 mono, flite's own rate)."""
-    command = ["flite", "-voice", voice, "--setf", f"duration_stretch={1 / speed:.4f}", "-t", text, "-o", "/dev/stdout"]
-    result = subprocess.run(command, capture_output=True)
-    if result.returncode != 0 or not result.stdout:
-        detail = result.stderr.decode(errors="replace").strip()
-        raise SynthError(f"flite -voice {voice} failed on {text!r} (exit {result.returncode}): {detail}")
-    samples, rate = sf.read(io.BytesIO(result.stdout), dtype="float32")
-    if samples.size == 0:
-        raise SynthError(f"flite -voice {voice} gave no audio for {text!r}")
-    return samples, rate
-
-
-def render_clip(text: str, voice: str, speed: float, sample_rate: int, dest: str) -> int:
-    """Speak `text` into the MP3 `dest` (temporary name, then renamed); returns its duration in ms."""
+def render_clip(clip: Clip, dest: str) -> int:
+    """Speak the clip into the MP3 `dest` (temporary name, then renamed); returns its duration in ms. The shift:
+    the voice speaks `shift` times slower and the waveform is read at `shift` times its rate (duration kept, pitch
+    and formants x shift); then the room and the noise (seeded by the clip's name), then the level."""
     from diva.audio import resample
 
-    samples, rate = speak(text, voice, speed)
-    samples = resample(samples, rate, sample_rate)
+    effects = clip.effects
+    samples, rate = speak(clip.voice, clip.sentence.text, clip.speed / effects.shift)
+    samples = resample(samples, rate * effects.shift, clip.sample_rate)
+    samples = apply_effects(samples, clip.sample_rate, effects, seed=int(clip.name.split("_")[-1][:12], 16))
     peak = float(np.abs(samples).max())
     if peak > PEAK:
         samples = samples * (PEAK / peak)  # lower the level rather than clip
     part = f"{dest}.part-{os.getpid()}-{threading.get_ident()}"
-    sf.write(part, samples, sample_rate, format="MP3")
+    sf.write(part, samples, clip.sample_rate, format="MP3")
     frames = sf.info(part).frames
     os.replace(part, dest)
-    return round(1000 * frames / sample_rate)
+    return round(1000 * frames / clip.sample_rate)
 
 
 # --- synthesis ---------------------------------------------------------------------------------------------
@@ -244,10 +261,7 @@ def synthesize_clips(clips: Sequence[Clip], clips_dir: Path, workers: int, progr
         # the GIL (2 threads give 2x on 2 cores), and a thread pool needs no `__main__` guard in callers.
         pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
         try:
-            futures = {
-                pool.submit(render_clip, c.sentence.text, c.voice, c.speed, c.sample_rate, str(clips_dir / c.name)): c
-                for c in todo
-            }
+            futures = {pool.submit(render_clip, c, str(clips_dir / c.name)): c for c in todo}
             for done, future in enumerate(as_completed(futures), start=1):
                 durations[futures[future].name] = future.result()
                 if progress:
@@ -389,8 +403,11 @@ def _cv_row(clip: Clip) -> list[str]:
 
 
 def write_tables(out_dir: Path, clips: Sequence[Clip], durations_ms: dict[str, int]) -> None:
-    """train/dev/test.tsv, clip_durations.tsv and synth_utterances.jsonl, each under a temporary name."""
-    for split in SPLITS:
+    """train/dev/test.tsv (and unseen.tsv when the corpus has unseen voices), clip_durations.tsv and
+    synth_utterances.jsonl, each under a temporary name."""
+    for split in TABLES:
+        if split == UNSEEN and not any(c.split == UNSEEN for c in clips):
+            continue
         rows = [list(CV_COLUMNS)] + [_cv_row(c) for c in clips if c.split == split]
         _write_atomic(out_dir / f"{split}.tsv", _tsv(rows))
     durations = [["clip", "duration[ms]"]] + [[c.name, str(durations_ms[c.name])] for c in clips]
@@ -405,6 +422,7 @@ def write_tables(out_dir: Path, clips: Sequence[Clip], durations_ms: dict[str, i
             "fillers": list(c.sentence.fillers),
             "voice": c.voice,
             "speed": c.speed,
+            **({"effects": c.effects.as_dict()} if c.effects != Effects() else {}),
         }
         for c in clips
     ]
@@ -438,11 +456,11 @@ def _is_complete(
     return stats
 
 
-def _tools(wer: dict[str, Any]) -> dict[str, str]:
+def _tools(wer: dict[str, Any], voices: Sequence[str]) -> dict[str, str]:
     import soxr
 
     tools = {
-        "flite": flite_version(),
+        **engine_versions(voices),
         "libsndfile": sf.__libsndfile_version__,
         "soundfile": sf.__version__,
         "soxr": soxr.__version__,
@@ -457,16 +475,20 @@ def _tools(wer: dict[str, Any]) -> dict[str, str]:
 
 
 def _counts(clips: Sequence[Clip], durations_ms: dict[str, int]) -> dict[str, Any]:
-    seconds = Counter()
+    seconds: Counter[str] = Counter()
     for clip in clips:
         seconds[clip.split] += durations_ms[clip.name] / 1000
     return {
-        "splits": {split: sum(c.split == split for c in clips) for split in SPLITS},
+        "splits": {split: n for split in TABLES if (n := sum(c.split == split for c in clips)) or split in SPLITS},
         "voices": dict(Counter(c.voice for c in clips)),
         "speeds": {f"{s:g}": n for s, n in sorted(Counter(c.speed for c in clips).items())},
+        "shifts": {f"{s:g}": n for s, n in sorted(Counter(c.effects.shift for c in clips).items())},
+        "rooms": sum(c.effects.rt60_s is not None for c in clips),
+        "noisy": sum(c.effects.snr_db is not None for c in clips),
         "kinds": dict(Counter(c.sentence.kind for c in clips)),
         "templates": len({c.sentence.template for c in clips}),
-        "seconds": {split: round(seconds[split], 2) for split in SPLITS} | {"total": round(sum(seconds.values()), 2)},
+        "seconds": {split: round(seconds[split], 2) for split in TABLES if split in seconds or split in SPLITS}
+        | {"total": round(sum(seconds.values()), 2)},
     }
 
 
@@ -474,7 +496,8 @@ def _voice_facts(voices: Sequence[str]) -> dict[str, dict[str, str]]:
     facts = {}
     for voice in voices:
         gender, accents = VOICE_FACTS.get(voice, ("", ""))
-        facts[voice] = {"engine": "flite", "client_id": client_id(voice), "gender": gender, "accents": accents}
+        facts[voice] = {"engine": parse_voice(voice).engine, "client_id": client_id(voice), "gender": gender,
+                        "accents": accents}  # fmt: skip
     return facts
 
 
@@ -490,7 +513,7 @@ def synthesize_corpus(
     if present is not None:
         return present | {"status": "present"}
     started = time.perf_counter()
-    check_voices(options.voices)
+    check_voices([*options.voices, *options.unseen_voices])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STATS).unlink(missing_ok=True)  # a folder being rebuilt must not look finished
     clips_dir = out_dir / "clips"
@@ -518,8 +541,8 @@ def synthesize_corpus(
         },
         "wall_s": {"synthesis": round(synth_s, 2), "total": round(time.perf_counter() - started, 2)},
         "wer": wer,
-        "voices": _voice_facts(options.voices),
-        "tools": _tools(wer),
+        "voices": _voice_facts([*options.voices, *options.unseen_voices]),
+        "tools": _tools(wer, [*options.voices, *options.unseen_voices]),
     }
     _write_atomic(out_dir / STATS, json.dumps(stats, indent=2) + "\n")
     return stats | {"status": "synthesized"}

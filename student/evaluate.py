@@ -18,6 +18,13 @@ non-empty transcript (n; the rest are counted as skipped), each row scored and t
     first4 / first8: the share that start with the teacher's first 4 / 8 answer tokens (all of it when shorter),
     answer_f1: token-level F1 of the answer's ids against the teacher's (SQuAD's F1, on token ids),
     prefix_tokens: the mean shared prefix with the teacher's answer in tokens, prefix_frac: as a share of its length.
+    align_acc (the systems fed audio: student, blind, floor): the share of the aligned audio-token slots (the
+    student's student.align_slots, first or last N of its Q tokens; a transcript of Q or more tokens truncated to
+    Q - 1) whose best-scoring vocabulary token (argmax v E^T, E the frozen input-embedding table) is the
+    transcript's token there: whether the audio tokens carry the words. For blind, row i's transcript against
+    partner i's audio tokens. Beside it, report["align_constant"]: the score of one constant vector in every slot
+    (the embedding of the scored transcripts' most frequent token), what audio tokens carrying no words would get.
+    Per row a share, then averaged over rows (the trainer's held-out align_acc averages over slots instead).
 identical is a cliff (one token off anywhere and the row scores 0); first4, first8 and answer_f1 give partial
 credit. Every row's score is kept (report["per_row"]) so that report.py can bootstrap paired differences.
 The report also gives the cascade's WER (diva.wer) and the share of blind pairs whose two transcripts are equal
@@ -40,14 +47,25 @@ from diva.audio import AudioError
 from diva.manifests.record import Utterance
 from diva.manifests.store import read_manifest
 from diva.student.answer import utterance_audio
-from diva.student.generate import SAMPLE_RATE, audio_rows, decode_steps, eos_token_ids, split_at_stop, split_chunks
-from diva.student.model import DiVAStudent
+from diva.student.generate import (
+    SAMPLE_RATE,
+    audio_rows,
+    audio_tokens_per_clip,
+    decode_steps,
+    eos_token_ids,
+    prompt_rows,
+    split_at_stop,
+    split_chunks,
+)
+from diva.student.losses import align_accuracy
+from diva.student.model import DiVAStudent, StudentConfig
 from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
 from diva.wer import word_errors
 
 SYSTEMS = ("student", "cascade", "blind", "floor")
 METRICS = ("cosine", "top1_agree", "kl", "distill", "identical", "first4", "first8", "answer_f1", "prefix_tokens",
            "prefix_frac")  # fmt: skip
+AUDIO_SYSTEMS = ("student", "blind", "floor")  # the systems fed audio tokens, scored on align_acc too
 ANSWER_METRICS = ("identical", "first4", "first8", "answer_f1", "prefix_tokens", "prefix_frac")
 N_EXAMPLES = 3
 
@@ -157,6 +175,33 @@ def hidden_scores(h: torch.Tensor, h_t: torch.Tensor, lm_head: nn.Module) -> dic
     }
 
 
+def align_scores(
+    student: DiVAStudent, tokens: Sequence[torch.Tensor], ids: Sequence[Sequence[int]], cfg: StudentConfig
+) -> list[float]:
+    """Per row: the share of aligned slots (cfg.align_slots of cfg.num_queries) whose argmax v E^T is the
+    transcript's token there (module docstring); `tokens[i]` (k x Q, d) is row i's audio tokens (its first 30 s
+    chunk is scored), `ids[i]` its transcript."""
+    table = student.llm.get_input_embeddings().weight  # (vocab, d_llm)
+    q = cfg.num_queries
+    out = []
+    for v, row_ids in zip(tokens, ids, strict=True):
+        target = [torch.tensor(list(row_ids), dtype=torch.long)]
+        correct, pairs = align_accuracy(v[:q][None], target, table, "truncate", cfg.align_slots)
+        out.append(correct / pairs if pairs else 0.0)
+    return out
+
+
+def constant_align_scores(student: DiVAStudent, ids: Sequence[Sequence[int]], cfg: StudentConfig) -> list[float]:
+    """align_scores of one constant vector in every slot: the input embedding of the most frequent token of the
+    rows' transcripts, the best a single token guessed everywhere can do (the transcripts' mean embedding, the
+    trainer's constant, scores lower: its best vocabulary token is rarely a frequent one)."""
+    device = student.prefix_ids.device
+    common = Counter(t for row in ids for t in row).most_common(1)[0][0]
+    constant = student.token_embeddings(torch.tensor([common], dtype=torch.long, device=device))[0]  # (d_llm,)
+    tokens = [constant.expand(cfg.num_queries, -1) for _ in ids]
+    return align_scores(student, tokens, ids, cfg)
+
+
 def row_means(per_row: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
     """Each system's mean of every metric over the rows."""
     return {name: {k: sum(values) / len(values) for k, values in metrics.items()} for name, metrics in per_row.items()}
@@ -231,7 +276,8 @@ def evaluate_answers(
     student, info = load_pretrained(model_dir, device=torch_device)
     tokenizer, feature_extractor = load_processors(info)
     stop_ids = eos_token_ids(info.llm_dir, tokenizer)
-    trim = info.student_cfg.trim_mel
+    cfg = info.student_cfg
+    trim = cfg.trim_mel
     floor = cascade = None
     if "floor" in systems:
         torch.manual_seed(0)
@@ -243,13 +289,16 @@ def evaluate_answers(
 
     scores: dict[str, dict[int, dict[str, float]]] = {name: {} for name in systems}  # name -> position -> metric
     counts = {"n": 0, "skipped": 0}
+    row_ids: dict[int, list[int]] = {}  # position -> the transcript's ids (for the alignment scores)
     same_text, refs, hyps, done = 0, [], [], 0
 
     def add(name: str, positions: Sequence[int], h: torch.Tensor, answers: list[list[int]], h_t: torch.Tensor,
-            teacher: list[list[int]]) -> None:  # fmt: skip
+            teacher: list[list[int]], align: list[float] | None = None) -> None:  # fmt: skip
         per_metric = {**hidden_scores(h, h_t, student.lm_head), **answer_scores(answers, teacher)}
         for i, pos in enumerate(positions):
             scores[name][pos] = {k: per_metric[k][i] for k in METRICS}
+            if align is not None:
+                scores[name][pos]["align_acc"] = align[i]
 
     scored = list(scored_rows(Path(manifest_dir), limit, counts))
     answered: dict[int, dict[str, Any]] = {}  # position in `scored` -> that row's answers as text
@@ -257,27 +306,33 @@ def evaluate_answers(
     # row's transcript, and the student's h and answer for this row's audio.
     targets: dict[int, tuple[torch.Tensor, list[int]]] = {}
     listened: dict[int, tuple[torch.Tensor, list[int]]] = {}
+    heard_tokens: dict[int, torch.Tensor] = {}  # position -> the student's audio tokens for that row's audio
     for batch_pos in length_batches([utt.duration_s for _, utt in scored], batch_size):
         batch = [scored[i] for i in batch_pos]
         utts = [utt for _, utt in batch]
         audios = [_load(row, utt) for row, utt in batch]
         texts = [utt.text for utt in utts]
-        teacher_ids = [teacher_input_ids(info.prompt, transcript_ids(tokenizer, t)) for t in texts]
+        text_ids = [transcript_ids(tokenizer, t) for t in texts]
+        row_ids |= dict(zip(batch_pos, text_ids, strict=True))
+        teacher_ids = [teacher_input_ids(info.prompt, ids) for ids in text_ids]
         h_t, teacher = run_rows(student, token_rows(student, teacher_ids), stop_ids, max_new_tokens)
         answers: dict[str, list[list[int]]] = {"teacher": teacher}
         if {"student", "blind"} & set(systems):
-            rows = audio_rows(student, audios, student.prefix_ids, student.suffix_ids, feature_extractor, trim)
+            tokens = audio_tokens_per_clip(student, audios, feature_extractor, trim)
+            rows = prompt_rows(student, tokens, student.prefix_ids, student.suffix_ids)
             h, heard_answers = run_rows(student, rows, stop_ids, max_new_tokens)
             if "student" in systems:
                 answers["student"] = heard_answers
-                add("student", batch_pos, h, heard_answers, h_t, teacher)
+                add("student", batch_pos, h, heard_answers, h_t, teacher, align_scores(student, tokens, text_ids, cfg))
             if "blind" in systems:
                 for i, pos in enumerate(batch_pos):
                     targets[pos], listened[pos] = (h_t[i], teacher[i]), (h[i], heard_answers[i])
+                    heard_tokens[pos] = tokens[i]
         if floor is not None:
-            rows = audio_rows(floor, audios, floor.prefix_ids, floor.suffix_ids, feature_extractor, trim)
+            tokens = audio_tokens_per_clip(floor, audios, feature_extractor, trim)
+            rows = prompt_rows(floor, tokens, floor.prefix_ids, floor.suffix_ids)
             h, answers["floor"] = run_rows(floor, rows, stop_ids, max_new_tokens)
-            add("floor", batch_pos, h, answers["floor"], h_t, teacher)
+            add("floor", batch_pos, h, answers["floor"], h_t, teacher, align_scores(floor, tokens, text_ids, cfg))
         heard: list[str] = []
         if cascade is not None:
             heard = cascade.transcribe(audios)
@@ -307,7 +362,8 @@ def evaluate_answers(
             borrowed = [listened[partner[i]] for i in chunk]
             h_t = torch.stack([t[0] for t in own])
             h = torch.stack([b[0] for b in borrowed])
-            add("blind", chunk, h, [b[1] for b in borrowed], h_t, [t[1] for t in own])  # row i's teacher
+            align = align_scores(student, [heard_tokens[partner[i]] for i in chunk], [row_ids[i] for i in chunk], cfg)
+            add("blind", chunk, h, [b[1] for b in borrowed], h_t, [t[1] for t in own], align)  # row i's teacher
         for i, example in answered.items():
             example["blind"] = tokenizer.decode(listened[partner[i]][1], skip_special_tokens=True)
             same_text += scored[i][1].text == scored[partner[i]][1].text
@@ -325,9 +381,13 @@ def evaluate_answers(
         "max_new_tokens": max_new_tokens,
     }
     # every system's score on every row, in manifest order (the order of report["rows"]); the means come from these
-    per_row = {name: {k: [scores[name][i][k] for i in range(n)] for k in METRICS} for name in systems}
+    per_row = {name: {k: [scores[name][i][k] for i in range(n)] for k in scores[name][0]} for name in systems}
     report["systems"] = row_means(per_row)
     report["per_row"] = per_row
+    if set(AUDIO_SYSTEMS) & set(systems):
+        constant = constant_align_scores(student, [row_ids[i] for i in range(n)], cfg)
+        report["align_constant"] = sum(constant) / n
+        report["align_constant_per_row"] = constant
     if "blind" in systems:
         report["blind_same_text"] = same_text / n
     if cascade is not None:
@@ -352,6 +412,7 @@ COLUMNS = {
     "answer_f1": "answer F1",
     "prefix_tokens": "prefix (tokens)",
     "prefix_frac": "prefix (frac)",
+    "align_acc": "align acc",
 }
 
 
@@ -376,6 +437,10 @@ def report_notes(report: dict[str, Any]) -> list[str]:
         notes.append(f"cascade: Whisper's transcripts have WER {report['cascade_wer']:.3f}")
     if "blind_same_text" in report:
         notes.append(f"blind: {report['blind_same_text']:.3f} of the pairs have identical transcripts")
+    if "align_constant" in report:
+        notes.append(f"align acc: the share of aligned audio-token slots whose best vocabulary token (v E^T) is the "
+                     "transcript's; one constant vector in every slot (the embedding of the transcripts' most frequent "
+                     f"token) scores {report['align_constant']:.3f}")  # fmt: skip
     return notes
 
 

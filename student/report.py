@@ -34,7 +34,8 @@ from diva.student.stats import LEVEL, RESAMPLES, interval_verdict, paired_bootst
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 HIGHER_IS_BETTER = {"cosine": True, "top1_agree": True, "kl": False, "identical": True, "first4": True,
-                    "first8": True, "answer_f1": True, "prefix_tokens": True, "prefix_frac": True}  # fmt: skip
+                    "first8": True, "answer_f1": True, "prefix_tokens": True, "prefix_frac": True,
+                    "align_acc": True}  # fmt: skip
 GAP_METRICS = ("cosine", "top1_agree", "kl", "identical", "first4", "first8", "answer_f1")
 
 
@@ -59,6 +60,8 @@ def compare(
     bootstrap interval (a tie is not better), and {diff, low, high}: the mean difference and its interval."""
     verdict, intervals = {}, {}
     for key in HIGHER_IS_BETTER:
+        if key not in per_row[a] or key not in per_row[b]:
+            continue  # e.g. align_acc: only the systems fed audio have it
         diff, low, high = paired_bootstrap(row_differences(per_row, a, b, key), resamples, seed)
         verdict[key] = interval_verdict(low, high)
         intervals[key] = {"diff": diff, "low": low, "high": high}
@@ -86,6 +89,10 @@ def verdicts(report: dict[str, Any], resamples: int = RESAMPLES, seed: int = 0) 
             per_metric, intervals = compare(per_row, "student", ref, resamples, seed)
             out[f"beats_{ref}"] = {"all": all(v == "better" for v in per_metric.values()), "per_metric": per_metric,
                                    "per_metric_ci": intervals}  # fmt: skip
+    if "student" in per_row and "align_acc" in per_row["student"] and "align_constant_per_row" in report:
+        pair = {"student": per_row["student"], "constant": {"align_acc": report["align_constant_per_row"]}}
+        per_metric, intervals = compare(pair, "student", "constant", resamples, seed)
+        out["align_vs_constant"] = {"verdict": per_metric["align_acc"], "ci": intervals["align_acc"]}
     out["gap_closed"] = {k: gap_closed(systems, k) for k in GAP_METRICS}
     out["bootstrap"] = {"n": report["n"], "resamples": resamples, "seed": seed, "level": LEVEL}
     return out
@@ -166,9 +173,10 @@ def interval_table(v: dict[str, Any]) -> list[str]:
         return []
     header = ["metric", *(f"student - {ref} [{v['bootstrap']['level']:.0%} interval]" for ref in refs)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in v[f"beats_{refs[0]}"]["per_metric_ci"]:
+    keys = dict.fromkeys(k for ref in refs for k in v[f"beats_{ref}"]["per_metric_ci"])
+    for key in keys:
         cells = [_interval(v[f"beats_{ref}"]["per_metric_ci"][key], v[f"beats_{ref}"]["per_metric"][key])
-                 for ref in refs]  # fmt: skip
+                 if key in v[f"beats_{ref}"]["per_metric_ci"] else "n/a" for ref in refs]  # fmt: skip
         lines.append(f"| {COLUMNS.get(key, key)} | " + " | ".join(cells) + " |")
     b = v["bootstrap"]
     lines += ["", f"- intervals: the mean per-row difference (positive = student better; KL's sign flipped) and its "
@@ -198,6 +206,9 @@ def render_report(report: dict[str, Any]) -> str:
         for ref in ("floor", "blind"):
             if f"beats_{ref}" in v:
                 lines.append(f"- student better than {ref}: {verdict_text(v[f'beats_{ref}']['per_metric'])}")
+        if "align_vs_constant" in v:
+            versus_constant = _interval(v["align_vs_constant"]["ci"], v["align_vs_constant"]["verdict"])
+            lines.append(f"- align acc, student - constant (one vector in every slot): {versus_constant}")
         gaps = v["gap_closed"]
         if any(g is not None for g in gaps.values()):
             lines.append("- share of the floor-to-cascade gap the student closes: "

@@ -56,6 +56,7 @@ Seams left for later: a manifest reader for online mode.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -313,10 +314,16 @@ def train_step(
     schedule: Any,
     layout: Dist = SINGLE,
     xopd: XOPDTerm | None = None,
+    step: int = 0,
 ) -> tuple[dict[str, Any], MixPosition]:
     """grad_accum micro-batches, gradients averaged over the ranks, clipping, one AdamW step; returns the step's
     metrics (losses: means over the ranks; align counts: sums) and the data position (the same on every rank).
-    `xopd` adds student.xopd_weight x the X-OPD term (rollouts and the live teacher: `student.xopd`)."""
+    `xopd` adds student.xopd_weight x the X-OPD term (rollouts and the live teacher: `student.xopd`). `step` (0-based)
+    below student.align_warmup_steps trains the alignment alone."""
+    if step < student_cfg.align_warmup_steps:
+        student_cfg = dataclasses.replace(student_cfg, distill_weight=0.0, kl_weight=0.0, answer_weight=0.0,
+                                          xopd_weight=0.0)  # fmt: skip
+        xopd = None
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {"loss": 0.0}
     counts = {"align_skipped": 0, "align_truncated": 0, "align_empty": 0}
@@ -639,7 +646,7 @@ def train(
         while step < train_cfg.steps:  # every rank runs the same steps: the stream never ends
             started = time.perf_counter()
             metrics, position = train_step(student, batches, student_cfg, train_cfg, optimizer, schedule, layout,
-                                           xopd)  # fmt: skip
+                                           xopd, step)  # fmt: skip
             step += 1
             seconds = time.perf_counter() - started
             samples_per_s = train_cfg.batch_size * train_cfg.grad_accum * layout.world_size / seconds

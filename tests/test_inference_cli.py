@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,8 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
         assert 0 <= metrics["prefix_tokens"] <= MAX_NEW
     assert set(report["per_row"]) == set(report["systems"])
     for name, per_row in report["per_row"].items():  # every row's score, in manifest order; the table averages them
-        assert set(per_row) == set(METRICS) == set(report["systems"][name])
+        fed_audio = {"align_acc"} if name in ("student", "blind", "floor") else set()  # the cascade gets text
+        assert set(per_row) == set(METRICS) | fed_audio == set(report["systems"][name])
         for key, values in per_row.items():
             assert len(values) == 4 and report["systems"][name][key] == pytest.approx(sum(values) / 4, rel=1e-12)
         for row in zip(per_row["identical"], per_row["first8"], per_row["first4"], strict=True):
@@ -182,6 +184,31 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
     assert report["systems"]["blind"]["cosine"] == pytest.approx(float(blind.mean()), abs=1e-4)
     # and its answer to row i is the student's answer to row partner[i]'s audio (decoded once, scored twice)
     assert [r["blind"] for r in report["rows"]] == [report["rows"][j]["student"] for j in partner]
+
+    # align acc by hand: the last N of the Q training-forward audio tokens (the run's align_slots), a transcript of
+    # Q or more tokens cut to its last Q - 1, each slot's argmax v E^T against the transcript's token there
+    with torch.no_grad():
+        v = student(features, frames).audio_tokens  # (4, Q, d)
+    table = student.llm.get_input_embeddings().weight  # (vocab, d)
+    q = v.shape[1]
+    assert info.student_cfg.align_slots == "last"
+    texts = [transcript_ids(tokenizer, u["text"]) for u in utts]
+
+    def share(best: torch.Tensor, ids: list[int]) -> float:
+        kept = ids[-(q - 1) :] if len(ids) >= q else ids
+        return float((best[q - len(kept) :] == torch.tensor(kept)).float().mean())
+
+    own = [share((v[i].float() @ table.float().T).argmax(-1), ids) for i, ids in enumerate(texts)]
+    assert report["per_row"]["student"]["align_acc"] == pytest.approx(own, abs=1e-6)
+    borrowed = [share((v[partner[i]].float() @ table.float().T).argmax(-1), ids) for i, ids in enumerate(texts)]
+    assert report["per_row"]["blind"]["align_acc"] == pytest.approx(borrowed, abs=1e-6)
+    common = Counter(t for ids in texts for t in ids).most_common(1)[0][0]  # the constant: that token's embedding
+    guess = (table[common].float() @ table.float().T).argmax(-1).expand(q)
+    constant = [share(guess, ids) for ids in texts]
+    assert report["align_constant_per_row"] == pytest.approx(constant) and report["align_constant"] == pytest.approx(
+        sum(constant) / 4
+    )
+    assert any(line.startswith("│ align acc") for line in result.output.splitlines())
 
 
 def test_length_batches_group_the_shortest_rows_first() -> None:

@@ -684,3 +684,20 @@ def test_cross_entropy_alignment_on_the_first_slots_trains_and_reports_accuracy(
     held_out = _records(tmp_path / "run", "eval")[-1]
     assert 0 <= held_out["align_acc"] <= 1 and 0 < held_out["align_acc_constant"] <= 1  # the digits' common token
     assert held_out["align"] > 0  # the held-out L_align (L2) is still reported, whatever the training form
+
+
+def test_an_alignment_warmup_trains_the_alignment_alone_first(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
+    """student.align_warmup_steps=3: the first 3 steps are exactly an alignment-only run's (distill_weight 0); from
+    step 4 on the distillation trains too."""
+    from dataclasses import replace
+
+    warm = replace(STUDENT, align_warmup_steps=3)
+    train(caches["train"], tmp_path / "warm", tiny_whisper, tiny_llama, warm, _train_cfg(steps=5), RUNTIME)
+    align_only = replace(STUDENT, distill_weight=0.0)
+    train(caches["train"], tmp_path / "align", tiny_whisper, tiny_llama, align_only, _train_cfg(steps=5), RUNTIME)
+    warmed, aligned = _records(tmp_path / "warm"), _records(tmp_path / "align")
+    assert [r["loss"] for r in warmed[:3]] == [r["loss"] for r in aligned[:3]]
+    assert all("distill" not in r for r in warmed[:3]) and all("distill" in r for r in warmed[3:])
+    assert warmed[3]["loss"] == pytest.approx(warmed[3]["distill"] + warmed[3]["align"], rel=1e-5)
+    with pytest.raises(ValueError, match="align_warmup_steps"):
+        replace(STUDENT, align_warmup_steps=2, align_weight=0.0)
