@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -187,3 +188,21 @@ def test_an_unseen_piper_voice_is_spoken_imported_and_understood(
     unseen = [c for c in plan_clips(options) if c.split == UNSEEN]
     heard = transcribe([tmp_path / "en" / "clips" / c.name for c in unseen], whisper_tiny_en)
     assert word_errors([c.sentence.text for c in unseen], heard).wer < 0.2, heard
+
+
+def test_the_demos_corpus_options_are_valid(flite: None, tmp_path: Path) -> None:
+    """The Makefile's DEMO_SYNTH, run through `diva corpus synth` on a tiny corpus: every voice exists (piper:joe
+    comes with `make install`) and every option parses."""
+    from typer.testing import CliRunner
+
+    from diva.cli import app
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    line = next(line for line in makefile.splitlines() if line.startswith("DEMO_SYNTH ?="))
+    demo = line.split("?=", 1)[1].split()
+    args = ["corpus", "synth", str(tmp_path / "en"), *demo, "--train-size", "2", "--dev-size", "0", "--test-size",
+            "1", "--unseen-size", "1", "--no-wer"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "en" / "synth_stats.json").read_text())
+    assert (tmp_path / "en" / "unseen.tsv").is_file() and stats["counts"]["voices"]["piper:joe"] == 1
