@@ -208,7 +208,7 @@ def render_report(report: dict[str, Any]) -> str:
                 lines.append(f"- student better than {ref}: {verdict_text(v[f'beats_{ref}']['per_metric'])}")
         if "align_vs_constant" in v:
             versus_constant = _interval(v["align_vs_constant"]["ci"], v["align_vs_constant"]["verdict"])
-            lines.append(f"- align acc, student - constant (one vector in every slot): {versus_constant}")
+            lines.append(f"- align acc, student - constant (one token guessed in every slot): {versus_constant}")
         gaps = v["gap_closed"]
         if any(g is not None for g in gaps.values()):
             lines.append("- share of the floor-to-cascade gap the student closes: "
