@@ -217,7 +217,7 @@ def render_clip(clip: Clip, dest: str) -> int:
     from diva.audio import resample
 
     effects = clip.effects
-    samples, rate = speak(clip.voice, clip.sentence.text, clip.speed / effects.shift)
+    samples, rate = speak(clip.sentence.text, clip.voice, clip.speed / effects.shift)
     samples = resample(samples, rate * effects.shift, clip.sample_rate)
     samples = apply_effects(samples, clip.sample_rate, effects, seed=int(clip.name.split("_")[-1][:12], 16))
     peak = float(np.abs(samples).max())

@@ -155,7 +155,7 @@ def check_voices(specs: list[str] | tuple[str, ...]) -> None:
             _piper(voice.name)
 
 
-def speak(spec: str, text: str, speed: float) -> tuple[np.ndarray, int]:
+def speak(text: str, spec: str, speed: float) -> tuple[np.ndarray, int]:
     """The waveform of `text` in voice `spec` at `speed` (float32 mono, the engine's own rate)."""
     voice = parse_voice(spec)
     engine = speak_flite if voice.engine == "flite" else speak_piper
