@@ -418,12 +418,12 @@ def corpus_synth(
     ] = "whisper-tiny.en",
     no_wer: Annotated[bool, typer.Option("--no-wer", help="Skip the WER measurement.")] = False,
 ) -> None:
-    """Generate the demo's speech corpus offline with flite: voice-assistant-style questions, requests and
-    statements plus short utterances (single words, digits, digit strings), several voices and speeds, held-out
-    dev/test sentences that share no template-and-filler combination with train, optionally pitch-and-formant shifts,
-    rooms and noise, and an unseen.tsv of voices no other split uses. Written as a Common Voice folder
+    """Generate the demo's speech corpus offline with flite (and piper) voices: voice-assistant-style questions,
+    requests and statements plus short utterances (single words, digits, digit strings), several voices and speeds,
+    held-out dev/test sentences that share no template-and-filler combination with train, optionally pitch-and-formant
+    shifts, rooms and noise, and an unseen.tsv of voices no other split uses. Written as a Common Voice folder
     (clips/*.mp3, train/dev/test.tsv, clip_durations.tsv) plus synth_stats.json with the WER Whisper gets on a
-    sample. Resumable."""
+    sample. Resumable. `make demo` passes the demo's choice (DEMO_SYNTH in the Makefile)."""
     from diva.manifests.synth import SynthError, SynthOptions, synthesize_corpus
     from diva.zoo.resolve import ModelNotFound, resolve_model
 
