@@ -172,12 +172,14 @@ class StudentConfig:
         "above 0 the student keeps the LLM's lm_head).",
         default=0.0,
     )
-    projection_init: Literal["default", "embeddings"] = doc(
+    projection_init: Literal["default", "embeddings", "whisper_vocab"] = doc(
         "Initialisation of the projection Linear(d_w -> d_llm). default: torch's (uniform +-1/sqrt(d_w)); the "
         "adapter's LayerNorm outputs (RMS ~11 for Whisper's decoder) then give audio tokens ~40x the norm of the "
         "LLM's token embeddings. embeddings: bias = the mean row of the LLM's input-embedding table and weights "
         "N(0, s^2) with s set so each output coordinate spreads like the table's columns (for the adapter's output "
-        "RMS estimated from its parameters): the first audio tokens look like token embeddings, not outliers.",
+        "RMS estimated from its parameters): the first audio tokens look like token embeddings, not outliers. "
+        "whisper_vocab (Q-Former adapters): the same bias and norm, with W fitted so the LLM's token scores of "
+        "a projected output rank the tokens both vocabularies spell alike as Whisper's own output layer does.",
         default="default",
     )
     answer_weight: float = doc(
@@ -218,8 +220,12 @@ class StudentConfig:
             raise ConfigError(f"student.num_queries must be >= 1, got {self.num_queries}")
         if self.adapter not in ("qformer", "qformer_random", "mlp"):
             raise ConfigError(f"student.adapter must be qformer, qformer_random or mlp, got {self.adapter!r}")
-        if self.projection_init not in ("default", "embeddings"):
-            raise ConfigError(f"student.projection_init must be default or embeddings, got {self.projection_init!r}")
+        if self.projection_init not in ("default", "embeddings", "whisper_vocab"):
+            raise ConfigError(f"student.projection_init must be default, embeddings or whisper_vocab, got "
+                              f"{self.projection_init!r}")  # fmt: skip
+        if self.projection_init == "whisper_vocab" and self.adapter == "mlp":
+            raise ConfigError("student.projection_init whisper_vocab reads a Whisper decoder's outputs; the mlp "
+                              "adapter has none (use embeddings)")  # fmt: skip
         if self.long_text not in ("skip", "truncate"):
             raise ConfigError(f"student.long_text must be skip or truncate, got {self.long_text!r}")
         weights = {

@@ -14,6 +14,8 @@ Every system runs through `generate.decode_steps` (the teacher and the cascade o
 reports h, the final hidden state at the last prompt position, and the greedy answer. Per system, on rows with a
 non-empty transcript (n; the rest are counted as skipped), each row scored and the rows averaged:
     cosine(h, h_T), next-token top-1 agreement, KL(p_T || p_system), L_distill (||h - h_T||),
+    answer_top1: top-1 agreement along the teacher's whole answer, teacher-forced (the share of the teacher's
+    answer tokens the system predicts given the teacher's answer so far; the first token alone is top-1 agree),
     identical: the share of greedy answers (up to max_new_tokens, stop id included) equal to the teacher's,
     first4 / first8: the share that start with the teacher's first 4 / 8 answer tokens (all of it when shorter),
     answer_f1: token-level F1 of the answer's ids against the teacher's (SQuAD's F1, on token ids),
@@ -54,6 +56,8 @@ from diva.student.generate import (
     audio_tokens_per_clip,
     decode_steps,
     eos_token_ids,
+    left_pad,
+    positions_of,
     prompt_rows,
     split_at_stop,
     split_chunks,
@@ -174,6 +178,29 @@ def hidden_scores(h: torch.Tensor, h_t: torch.Tensor, lm_head: nn.Module) -> dic
         "kl": kl.tolist(),
         "distill": torch.linalg.vector_norm(h.float() - h_t.float(), dim=-1).tolist(),
     }
+
+
+@torch.no_grad()
+def answer_agreement(student: DiVAStudent, rows: list[torch.Tensor], teacher: list[list[int]]) -> list[float]:
+    """Per row: the share of the teacher's greedy answer tokens (its stop id included) that the system predicts
+    as its top-1 next token when fed the teacher's answer so far after its own input row (teacher forcing):
+    top-1 agreement along the whole answer, not at its first token only. A row whose teacher answer is empty
+    scores 1.0. One LLM pass per batch (no decoding); the teacher's own rows score 1.0 up to argmax ties."""
+    embed = student.llm.get_input_embeddings()
+    full = []
+    for row, answer in zip(rows, teacher, strict=True):
+        forced = torch.tensor(answer[:-1], dtype=torch.long, device=row.device)  # the last token predicts nothing
+        full.append(torch.cat([row, embed(forced).to(row.dtype)]))
+    embeds, mask = left_pad(full)  # rows end together: each answer's positions are the last len(answer)
+    hidden = student.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_of(mask)).last_hidden_state
+    out = []
+    for b, answer in enumerate(teacher):
+        if not answer:
+            out.append(1.0)
+            continue
+        predicted = student.lm_head(hidden[b, hidden.shape[1] - len(answer) :]).argmax(-1)  # (len(answer),)
+        out.append(float((predicted == torch.tensor(answer, device=predicted.device)).float().mean()))
+    return out
 
 
 def align_scores(
@@ -297,10 +324,10 @@ def evaluate_answers(
     same_text, refs, hyps, done = 0, [], [], 0
 
     def add(name: str, positions: Sequence[int], h: torch.Tensor, answers: list[list[int]], h_t: torch.Tensor,
-            teacher: list[list[int]], align: list[float] | None = None) -> None:  # fmt: skip
+            teacher: list[list[int]], forced: list[float], align: list[float] | None = None) -> None:  # fmt: skip
         per_metric = {**hidden_scores(h, h_t, student.lm_head), **answer_scores(answers, teacher)}
         for i, pos in enumerate(positions):
-            scores[name][pos] = {k: per_metric[k][i] for k in METRICS}
+            scores[name][pos] = {k: per_metric[k][i] for k in METRICS} | {"answer_top1": forced[i]}
             if align is not None:
                 scores[name][pos]["align_acc"] = align[i]
 
@@ -327,7 +354,8 @@ def evaluate_answers(
             h, heard_answers = run_rows(student, rows, stop_ids, max_new_tokens)
             if "student" in systems:
                 answers["student"] = heard_answers
-                add("student", batch_pos, h, heard_answers, h_t, teacher, align_scores(student, tokens, text_ids, cfg))
+                add("student", batch_pos, h, heard_answers, h_t, teacher, answer_agreement(student, rows, teacher),
+                    align_scores(student, tokens, text_ids, cfg))  # fmt: skip
             if "blind" in systems:
                 for i, pos in enumerate(batch_pos):
                     targets[pos], listened[pos] = (h_t[i], teacher[i]), (h[i], heard_answers[i])
@@ -336,14 +364,17 @@ def evaluate_answers(
             tokens = audio_tokens_per_clip(floor, audios, feature_extractor, trim)
             rows = prompt_rows(floor, tokens, floor.prefix_ids, floor.suffix_ids)
             h, answers["floor"] = run_rows(floor, rows, stop_ids, max_new_tokens)
-            add("floor", batch_pos, h, answers["floor"], h_t, teacher, align_scores(floor, tokens, text_ids, cfg))
+            add("floor", batch_pos, h, answers["floor"], h_t, teacher, answer_agreement(floor, rows, teacher),
+                align_scores(floor, tokens, text_ids, cfg))  # fmt: skip
         heard: list[str] = []
         if cascade is not None:
             heard = cascade.transcribe(audios)
             refs, hyps = refs + texts, hyps + heard
             ids = [teacher_input_ids(info.prompt, transcript_ids(tokenizer, t)) for t in heard]
-            h, answers["cascade"] = run_rows(student, token_rows(student, ids), stop_ids, max_new_tokens)
-            add("cascade", batch_pos, h, answers["cascade"], h_t, teacher)
+            cascade_rows = token_rows(student, ids)
+            h, answers["cascade"] = run_rows(student, cascade_rows, stop_ids, max_new_tokens)
+            add("cascade", batch_pos, h, answers["cascade"], h_t, teacher,
+                answer_agreement(student, cascade_rows, teacher))  # fmt: skip
         for i, pos in enumerate(batch_pos):  # every row's answers, as text, in manifest order
             example = {
                 "id": utts[i].id,
@@ -366,8 +397,11 @@ def evaluate_answers(
             borrowed = [listened[partner[i]] for i in chunk]
             h_t = torch.stack([t[0] for t in own])
             h = torch.stack([b[0] for b in borrowed])
-            align = align_scores(student, [heard_tokens[partner[i]] for i in chunk], [row_ids[i] for i in chunk], cfg)
-            add("blind", chunk, h, [b[1] for b in borrowed], h_t, [t[1] for t in own], align)  # row i's teacher
+            borrowed_tokens = [heard_tokens[partner[i]] for i in chunk]
+            align = align_scores(student, borrowed_tokens, [row_ids[i] for i in chunk], cfg)
+            forced = answer_agreement(student, prompt_rows(student, borrowed_tokens, student.prefix_ids,
+                                                           student.suffix_ids), [t[1] for t in own])  # fmt: skip
+            add("blind", chunk, h, [b[1] for b in borrowed], h_t, [t[1] for t in own], forced, align)  # row i's teacher
         for i, example in answered.items():
             example["blind"] = tokenizer.decode(listened[partner[i]][1], skip_special_tokens=True)
             same_text += scored[i][1].text == scored[partner[i]][1].text
@@ -409,6 +443,7 @@ def evaluate_answers(
 COLUMNS = {
     "cosine": "cos(h, h_T)",
     "top1_agree": "top-1 agree",
+    "answer_top1": "answer top-1",
     "kl": "KL(T‖S)",  # not "||": a markdown table would split the cell
     "identical": "identical",
     "first4": "first 4",

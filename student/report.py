@@ -33,10 +33,10 @@ from diva.student.stats import LEVEL, RESAMPLES, interval_verdict, paired_bootst
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
-HIGHER_IS_BETTER = {"cosine": True, "top1_agree": True, "kl": False, "identical": True, "first4": True,
-                    "first8": True, "answer_f1": True, "prefix_tokens": True, "prefix_frac": True,
+HIGHER_IS_BETTER = {"cosine": True, "top1_agree": True, "answer_top1": True, "kl": False, "identical": True,
+                    "first4": True, "first8": True, "answer_f1": True, "prefix_tokens": True, "prefix_frac": True,
                     "align_acc": True}  # fmt: skip
-GAP_METRICS = ("cosine", "top1_agree", "kl", "identical", "first4", "first8", "answer_f1")
+GAP_METRICS = ("cosine", "top1_agree", "answer_top1", "kl", "identical", "first4", "first8", "answer_f1")
 
 
 def run_step(run_dir: Path) -> int | None:
@@ -247,8 +247,8 @@ def build_report(
     run_dir = Path(run_dir)
     request = {"step": run_step(run_dir), "sets": {k: str(v) for k, v in sets.items()}, "limit": limit,
                "batch_size": batch_size, "max_new_tokens": max_new_tokens, "systems": list(systems),
-               "bootstrap": {"resamples": RESAMPLES, "seed": seed}}  # fmt: skip
-    # a report.json from before the bootstrap verdicts has no "bootstrap" here, so it is rebuilt, never reused
+               "bootstrap": {"resamples": RESAMPLES, "seed": seed}, "metrics": list(COLUMNS)}  # fmt: skip
+    # a report.json from before the bootstrap verdicts (or one lacking a metric) differs here: rebuilt, never reused
     json_path = run_dir / REPORT_JSON
     if json_path.is_file() and not force:
         old = json.loads(json_path.read_text())

@@ -413,3 +413,100 @@ def test_pooling_weights_average_each_items_own_frames() -> None:
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4))
     assert (weights[1, :, 3:] == 0).all()  # item 1 has 3 frames: nothing past them
     assert weights[0, 0].nonzero().flatten().tolist() == [0, 1, 2]  # frames [0, 2.5) rounded outward
+
+
+def test_projection_init_whisper_vocab_ranks_the_shared_tokens_as_whispers_output_layer() -> None:
+    """With an LLM table that is an exact linear image of Whisper's (plus an offset), the fitted projection makes
+    the LLM score the shared tokens exactly as Whisper's output layer does: its best token is Whisper's."""
+    from torch import nn
+
+    from diva.student.model import init_projection_from_whisper_vocab, init_projection_to_embeddings, shared_vocabulary
+
+    g = torch.Generator().manual_seed(0)
+    d_w, d_llm, n = 16, 24, 300
+    whisper_vocab = {f"w{i}": i for i in range(n)} | {"<|sot|>": n}
+    llm_vocab = {f"w{i}": n - 1 - i for i in range(n)} | {"<|im_start|>": n, "only_llm": n + 1}
+    w_ids, l_ids = shared_vocabulary(whisper_vocab, llm_vocab, {"<|sot|>", "<|im_start|>"})
+    assert len(w_ids) == n and all(llm_vocab[f"w{i}"] == j for i, j in zip(w_ids, l_ids, strict=True))
+    u = torch.randn(n + 1, d_w, generator=g)
+    mix = torch.randn(d_w, d_llm, generator=g)
+    table = torch.randn(n + 2, d_llm, generator=g)
+    table[torch.tensor(l_ids)] = u[torch.tensor(w_ids)] @ mix + 3.0  # the LLM's table: Whisper's, mixed and offset
+    fitted, reference = nn.Linear(d_w, d_llm), nn.Linear(d_w, d_llm)
+    init_projection_from_whisper_vocab(fitted, u, table, w_ids, l_ids, input_rms=1.0)
+    init_projection_to_embeddings(reference, table, input_rms=1.0)
+    assert torch.count_nonzero(fitted.bias) == 0  # the same norm as the embeddings initialisation, in expectation
+    assert float(fitted.weight.detach().norm()) == pytest.approx(float(reference.weight.detach().norm()), rel=0.05)
+    states = torch.randn(200, d_w, generator=g)  # decoder states: Whisper's best shared token vs the LLM's
+    whisper_best = (states @ u[torch.tensor(w_ids)].T).argmax(-1)
+    llm_best = (fitted(states) @ table[torch.tensor(l_ids)].T).argmax(-1)
+    assert torch.equal(whisper_best, llm_best)
+    with pytest.raises(ValueError, match="share 3 token strings"):
+        init_projection_from_whisper_vocab(fitted, u, table, w_ids[:3], l_ids[:3], input_rms=1.0)
+
+
+def test_projection_init_whisper_vocab_on_the_real_models_reads_whispers_words(
+    whisper_tiny_en: Path, smollm2: Path, speech_dir: Path
+) -> None:
+    """On Whisper tiny.en and SmolLM2 (vocabularies that spell 37k tokens alike), Whisper's teacher-forced decoder
+    states on a real recording, through the student's fitted projection, score Whisper's own best text token
+    highest in the LLM's table at many positions; the embeddings initialisation at none."""
+    from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from diva.audio import load_audio
+    from diva.student.model import shared_vocabulary
+    from diva.teacher_cache.prompt import build_prompt
+
+    prompt = build_prompt(AutoTokenizer.from_pretrained(smollm2))
+    whisper = WhisperForConditionalGeneration.from_pretrained(whisper_tiny_en).eval()
+    w_tok, l_tok = AutoTokenizer.from_pretrained(whisper_tiny_en), AutoTokenizer.from_pretrained(smollm2)
+    samples, _ = load_audio(speech_dir / "pocketsphinx/forever_input_2_16k.wav")
+    features = WhisperFeatureExtractor.from_pretrained(whisper_tiny_en)(samples, sampling_rate=16000,
+                                                                          return_tensors="pt").input_features
+    with torch.no_grad():
+        ids = whisper.generate(features, max_new_tokens=24)  # the decoder's own transcript
+        prefix = torch.tensor([w_tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])])
+        out = whisper(input_features=features, decoder_input_ids=torch.cat([prefix, ids], dim=1),
+                      output_hidden_states=True)  # fmt: skip
+    assert "forever" in w_tok.decode(ids[0], skip_special_tokens=True).lower()  # Whisper hears the words
+    shared = dict(zip(*shared_vocabulary(w_tok.get_vocab(), l_tok.get_vocab()), strict=True))
+    whisper_best = out.logits[0].argmax(-1).tolist()
+    text = [i for i, t in enumerate(whisper_best) if t in shared and t < w_tok.eos_token_id]  # text positions
+    states = out.decoder_hidden_states[-1][0, text]  # the final-norm states that predict each text token
+    expected = torch.tensor([shared[whisper_best[i]] for i in text])
+    assert len(text) >= 6
+    agree = {}
+    for init in ("embeddings", "whisper_vocab"):
+        torch.manual_seed(0)
+        student = DiVAStudent.from_pretrained_parts(
+            whisper_tiny_en, smollm2, prompt, StudentConfig(num_queries=4, projection_init=init)
+        )
+        table = student.llm.get_input_embeddings().weight
+        with torch.no_grad():
+            best = (student.projection(states) @ table.T).argmax(-1)
+        agree[init] = float((best == expected).float().mean())
+    assert agree["whisper_vocab"] >= 0.5 and agree["embeddings"] == 0.0, agree
+
+
+def test_answer_agreement_is_teacher_forced_top1_along_the_whole_answer(student: DiVAStudent) -> None:
+    """The evaluation's answer_top1: a system's own greedy answers score 1.0; another row's answer scores what
+    feeding it one token at a time, each row alone (no padding), and comparing the argmax gives."""
+    from diva.student.evaluate import answer_agreement, run_rows, token_rows
+
+    student.eval()
+    rows = token_rows(student, [[5, 6, 7, 8, 9], [10, 11, 12]])  # rows of different lengths: left padding
+    _, answers = run_rows(student, rows, stop_ids=[0], max_new_tokens=6)
+    assert answer_agreement(student, rows, answers) == [1.0, 1.0]
+    swapped = [answers[1], answers[0][:4]]
+    embed = student.llm.get_input_embeddings()
+    expected = []
+    for row, answer in zip(rows, swapped, strict=True):
+        hits = 0
+        for j, token in enumerate(answer):
+            x = torch.cat([row, embed(torch.tensor(answer[:j], dtype=torch.long))])
+            with torch.no_grad():
+                h = student.llm(inputs_embeds=x[None]).last_hidden_state[0, -1]
+            hits += int(student.lm_head(h).argmax()) == token
+        expected.append(hits / len(answer))
+    assert answer_agreement(student, rows, swapped) == pytest.approx(expected, abs=1e-6)
+    assert answer_agreement(student, rows[:1], [[]]) == [1.0]
