@@ -266,6 +266,15 @@ def manifest_import(
             "decode every file (thorough, hours for millions of mp3s)."
         ),
     ] = "header",
+    text_case: Annotated[
+        str,
+        typer.Option(
+            "--case",
+            help="sentence: keep an ALL-CAPS transcript of 3+ words (LibriSpeech, TED-LIUM) in sentence case, "
+            "the original in extras.text_original (the teacher otherwise answers shouted text); keep: "
+            "transcripts exactly as the corpus has them.",
+        ),
+    ] = "sentence",
     workers: Annotated[int, typer.Option(help="Parallel probes; 0 = automatic.")] = 0,
     force: Annotated[
         bool, typer.Option("--force", help="Import again even if OUT_DIR holds the same finished import.")
@@ -279,7 +288,7 @@ def manifest_import(
     from diva.manifests.validate import ValidationOptions
 
     try:
-        validation = ValidationOptions(min_duration_s, max_duration_s, confine, probe)  # type: ignore[arg-type]
+        validation = ValidationOptions(min_duration_s, max_duration_s, confine, probe, text_case)  # type: ignore[arg-type]
         options = ImportOptions(split, language, path_column, text_column, id_column, speaker_column, audio_column)
     except ValueError as e:
         raise _fail(str(e)) from e
@@ -403,6 +412,10 @@ def corpus_synth(
     rt60: Annotated[str, typer.Option(help="The rooms' RT60 range in seconds, LOW,HIGH.")] = "0.2,0.8",
     noise: Annotated[float, typer.Option(help="Share of the clips with pink noise added (0-1).")] = 0.0,
     snr: Annotated[str, typer.Option(help="The noise's signal-to-noise range in dB, LOW,HIGH.")] = "5,30",
+    narrowband: Annotated[
+        float, typer.Option(help="Share of the clips passed through a narrowband channel (0-1), after room and noise.")
+    ] = 0.0,
+    band_hz: Annotated[int, typer.Option(help="The narrowband channel's sample rate (8000: telephone).")] = 8000,
     unseen_voices: Annotated[
         str, typer.Option(help="Comma-separated voices kept out of train/dev/test; they speak unseen.tsv.")
     ] = "",
@@ -421,8 +434,8 @@ def corpus_synth(
     """Generate the demo's speech corpus offline with flite (and piper) voices: voice-assistant-style questions,
     requests and statements plus short utterances (single words, digits, digit strings), several voices and speeds,
     held-out dev/test sentences that share no template-and-filler combination with train, optionally pitch-and-formant
-    shifts, rooms and noise, and an unseen.tsv of voices no other split uses. Written as a Common Voice folder
-    (clips/*.mp3, train/dev/test.tsv, clip_durations.tsv) plus synth_stats.json with the WER Whisper gets on a
+    shifts, rooms, noise and narrowband channels, and an unseen.tsv of voices no other split uses. Written as a
+    Common Voice folder (clips/*.mp3, train/dev/test.tsv, clip_durations.tsv) plus synth_stats.json with the WER Whisper gets on a
     sample. Resumable. `make demo` passes the demo's choice (DEMO_SYNTH in the Makefile)."""
     from diva.manifests.synth import SynthError, SynthOptions, synthesize_corpus
     from diva.zoo.resolve import ModelNotFound, resolve_model
@@ -432,7 +445,8 @@ def corpus_synth(
             train_size=train_size, dev_size=dev_size, test_size=test_size,
             voices=tuple(v.strip() for v in voices.split(",") if v.strip()),
             speeds=_floats(speeds), shifts=_floats(shifts), reverb=reverb, rt60_s=_range(rt60), noise=noise,
-            snr_db=_range(snr), unseen_voices=tuple(v.strip() for v in unseen_voices.split(",") if v.strip()),
+            snr_db=_range(snr), narrowband=narrowband, band_hz=band_hz,
+            unseen_voices=tuple(v.strip() for v in unseen_voices.split(",") if v.strip()),
             unseen_size=unseen_size, seed=seed, workers=workers, wer_sample=wer_sample, sample_rate=sample_rate,
         )  # fmt: skip
         whisper_dir = None if no_wer else resolve_model(whisper)

@@ -7,6 +7,8 @@ speakers and rooms. Plain numpy, deterministic from a seed:
     room      reverberation: the clip convolved with a synthetic room impulse response (a direct path, then
               exponentially decaying noise with the drawn RT60, the time the tail takes to fall by 60 dB)
     noise     pink (1/f) noise at the drawn signal-to-noise ratio, added after the room (a microphone's noise)
+    band      a narrowband channel: the clip resampled down to `band_hz` and back, so nothing above band_hz / 2
+              is left (8000: telephone speech, spoken-digit corpora, old call-centre recordings), applied last
 
 A maintained augmentation library was considered: audiomentations' room simulator needs pyroomacoustics and its
 pitch shift librosa, two heavy dependencies for what these few lines do.
@@ -26,6 +28,7 @@ class Effects:
     shift: float = 1.0
     rt60_s: float | None = None  # None: no room
     snr_db: float | None = None  # None: no noise
+    band_hz: int | None = None  # None: the full band
 
     def key(self) -> str:
         """Part of the clip's name ('' for no effects, so clean clips keep the names they had before effects)."""
@@ -36,10 +39,15 @@ class Effects:
             parts.append(f"rt60={self.rt60_s:.3f}")
         if self.snr_db is not None:
             parts.append(f"snr={self.snr_db:.2f}")
+        if self.band_hz is not None:
+            parts.append(f"band={self.band_hz}")
         return ",".join(parts)
 
     def as_dict(self) -> dict[str, float | None]:
-        return {"shift": self.shift, "rt60_s": self.rt60_s, "snr_db": self.snr_db}
+        out: dict[str, float | None] = {"shift": self.shift, "rt60_s": self.rt60_s, "snr_db": self.snr_db}
+        if self.band_hz is not None:  # clips made before the band existed keep their record
+            out["band_hz"] = self.band_hz
+        return out
 
 
 def room_response(rate: int, rt60_s: float, rng: np.random.Generator) -> np.ndarray:
@@ -86,12 +94,28 @@ def add_noise(samples: np.ndarray, snr_db: float, rng: np.random.Generator) -> n
     return (x + noise).astype(np.float32)
 
 
+def narrow_band(samples: np.ndarray, rate: int, band_hz: int) -> np.ndarray:
+    """`samples` through a channel sampled at `band_hz` (down and back up with diva.audio's resampler, whose
+    anti-aliasing filter removes what lies above band_hz / 2); same rate and length."""
+    from diva.audio import resample
+
+    if band_hz >= rate:
+        return samples
+    narrow = resample(resample(samples, rate, band_hz), band_hz, rate)
+    out = np.zeros(len(samples), dtype=np.float32)
+    out[: min(len(out), len(narrow))] = narrow[: len(out)]
+    return out
+
+
 def apply_effects(samples: np.ndarray, rate: int, effects: Effects, seed: int) -> np.ndarray:
-    """The room, then the noise, each from its own seeded generator. The shift is not applied here: it needs the
-    engine's cooperation (speak `shift` times slower, then read the waveform at `shift` times the rate)."""
+    """The room, then the noise, each from its own seeded generator, then the band. The shift is not applied
+    here: it needs the engine's cooperation (speak `shift` times slower, then read the waveform at `shift` times
+    the rate)."""
     rng = np.random.default_rng(seed)
     if effects.rt60_s is not None:
         samples = add_room(samples, rate, effects.rt60_s, rng)
     if effects.snr_db is not None:
         samples = add_noise(samples, effects.snr_db, rng)
+    if effects.band_hz is not None:
+        samples = narrow_band(samples, rate, effects.band_hz)
     return samples

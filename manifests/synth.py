@@ -83,6 +83,8 @@ class SynthOptions:
     rt60_s: tuple[float, float] = (0.2, 0.8)  # ... with an RT60 drawn uniformly from this range
     noise: float = 0.0  # share of the train/dev/test clips with pink noise added ...
     snr_db: tuple[float, float] = (5.0, 30.0)  # ... at a signal-to-noise ratio drawn uniformly from this range
+    narrowband: float = 0.0  # share of the train/dev/test clips through a narrowband channel ...
+    band_hz: int = 8000  # ... sampled at this rate (8000: telephone speech)
     unseen_voices: tuple[str, ...] = ()  # voices for unseen.tsv only (never in train/dev/test), used in turn ...
     unseen_size: int = 0  # ... speaking the first unseen_size test sentences (clean: speed 1, no effects)
     seed: int = 0  # picks the sentences (the train/dev/test regions of the template space are fixed)
@@ -106,8 +108,11 @@ class SynthOptions:
         for name, (low, high), bounds in (("rt60_s", self.rt60_s, (0.05, 3.0)), ("snr_db", self.snr_db, (-10, 80))):
             if not bounds[0] <= low <= high <= bounds[1]:
                 raise ValueError(f"{name} must be a range LOW,HIGH within {list(bounds)}, got {[low, high]}")
-        if not (0.0 <= self.reverb <= 1.0 and 0.0 <= self.noise <= 1.0):
-            raise ValueError(f"reverb and noise are shares of the clips in [0, 1], got {self.reverb}, {self.noise}")
+        if not (0.0 <= self.reverb <= 1.0 and 0.0 <= self.noise <= 1.0 and 0.0 <= self.narrowband <= 1.0):
+            raise ValueError(f"reverb, noise and narrowband are shares of the clips in [0, 1], got {self.reverb}, "
+                             f"{self.noise}, {self.narrowband}")  # fmt: skip
+        if not 4000 <= self.band_hz < self.sample_rate:
+            raise ValueError(f"band_hz must lie in [4000, sample_rate {self.sample_rate}), got {self.band_hz}")
         for spec in (*self.voices, *self.unseen_voices):
             parse_voice(spec)  # ValueError for an unknown engine
         both = set(self.voices) & set(self.unseen_voices)
@@ -126,7 +131,8 @@ class SynthOptions:
         data = asdict(self)
         del data["workers"]
         defaults = asdict(SynthOptions())
-        for name in ("shifts", "reverb", "rt60_s", "noise", "snr_db", "unseen_voices", "unseen_size"):
+        for name in ("shifts", "reverb", "rt60_s", "noise", "snr_db", "narrowband", "band_hz", "unseen_voices",
+                     "unseen_size"):  # fmt: skip
             if data[name] == defaults[name]:
                 del data[name]  # a corpus made before these options existed keeps its identity
         return json.loads(json.dumps(data))
@@ -158,7 +164,7 @@ class Clip:
 def draw_effects(options: SynthOptions, split: str, index: int, shift: float) -> Effects:
     """Clip `index` of `split`'s room and noise, drawn from a generator seeded by the corpus seed, the split and
     the index (so they do not change when another split grows)."""
-    if not (options.reverb or options.noise):
+    if not (options.reverb or options.noise or options.narrowband):
         return Effects(shift=shift)
     digest = hashlib.sha256(f"diva-synth-effects:{options.seed}:{split}:{index}".encode()).digest()
     rng = random.Random(digest)
@@ -166,7 +172,9 @@ def draw_effects(options: SynthOptions, split: str, index: int, shift: float) ->
     rt60 = round(rng.uniform(*options.rt60_s), 3)
     noisy = rng.random() < options.noise
     snr = round(rng.uniform(*options.snr_db), 2)
-    return Effects(shift=shift, rt60_s=rt60 if room else None, snr_db=snr if noisy else None)
+    narrow = rng.random() < options.narrowband  # drawn after the others: their draws do not move
+    return Effects(shift=shift, rt60_s=rt60 if room else None, snr_db=snr if noisy else None,
+                   band_hz=options.band_hz if narrow else None)  # fmt: skip
 
 
 def plan_clips(options: SynthOptions) -> list[Clip]:
@@ -485,6 +493,7 @@ def _counts(clips: Sequence[Clip], durations_ms: dict[str, int]) -> dict[str, An
         "shifts": {f"{s:g}": n for s, n in sorted(Counter(c.effects.shift for c in clips).items())},
         "rooms": sum(c.effects.rt60_s is not None for c in clips),
         "noisy": sum(c.effects.snr_db is not None for c in clips),
+        "narrowband": sum(c.effects.band_hz is not None for c in clips),
         "kinds": dict(Counter(c.sentence.kind for c in clips)),
         "templates": len({c.sentence.template for c in clips}),
         "seconds": {split: round(seconds[split], 2) for split in TABLES if split in seconds or split in SPLITS}

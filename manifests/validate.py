@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ class ValidationOptions:
     max_duration_s: float = 30.0  # 0 keeps long audio (the student encodes it in 30 s chunks)
     confine: bool = False  # reject audio paths that resolve outside the corpus root
     probe: Literal["header", "decode"] = "header"  # decode: fully decode every file (slow, thorough)
+    # sentence: an ALL-CAPS transcript of 3+ words (LibriSpeech's, TED-LIUM's style) is kept in sentence case
+    # (`sentence_case`); the original goes to extras["text_original"]. keep: transcripts as the corpus has them.
+    text_case: Literal["sentence", "keep"] = "sentence"
 
     def __post_init__(self) -> None:
         if self.min_duration_s < 0 or self.max_duration_s < 0:
@@ -28,6 +32,31 @@ class ValidationOptions:
             raise ValueError(f"max_duration_s {self.max_duration_s} < min_duration_s {self.min_duration_s}")
         if self.probe not in ("header", "decode"):
             raise ValueError(f"probe must be 'header' or 'decode', got {self.probe!r}")
+        if self.text_case not in ("sentence", "keep"):
+            raise ValueError(f"text_case must be 'sentence' or 'keep', got {self.text_case!r}")
+
+
+_PRONOUN_I = re.compile(r"\bi\b")  # "i", and the i of "i'm", "i'll", "i'd", "i've"
+
+
+def shouted(text: str, min_words: int = 3) -> bool:
+    """True for an ALL-CAPS transcript: cased letters, none of them lower case, in at least `min_words` words (a
+    lone "NASA" or "OK" is left alone)."""
+    cased = [c for c in text if c.lower() != c.upper()]
+    words = sum(any(c.lower() != c.upper() for c in w) for w in text.split())
+    return bool(cased) and words >= min_words and not any(c.islower() for c in cased)
+
+
+def sentence_case(text: str) -> str:
+    """An ALL-CAPS transcript as a sentence: lower case, its first letter and the pronoun I upper case
+    ("IF THE READER WILL EXCUSE ME I WILL SAY" -> "If the reader will excuse me I will say"). Names lose their
+    capital; the LLM reads an ordinary sentence instead of one shouted (the teacher answers them differently,
+    and speech carries no case for the student to hear)."""
+    lowered = _PRONOUN_I.sub("I", text.lower())
+    for i, c in enumerate(lowered):
+        if c.isalpha():
+            return lowered[:i] + c.upper() + lowered[i + 1 :]
+    return lowered
 
 
 def check_text(text: str) -> tuple[Reason, str] | None:
@@ -105,6 +134,9 @@ def validate(
         return reject(Reason.TOO_SHORT, f"{duration:.3f} s < minimum {options.min_duration_s} s")
     if options.max_duration_s and duration > options.max_duration_s:
         return reject(Reason.TOO_LONG, f"{duration:.2f} s > maximum {options.max_duration_s} s")
+    extras = candidate.extras
+    if options.text_case == "sentence" and shouted(text):
+        text, extras = sentence_case(text), {**extras, "text_original": text}
     return Utterance(
         id=candidate.id,
         audio=candidate.audio,
@@ -117,7 +149,7 @@ def validate(
         split=candidate.split,
         corpus=corpus,
         offset_s=candidate.offset_s,
-        extras=candidate.extras,
+        extras=extras,
     )
 
 

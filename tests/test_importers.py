@@ -19,7 +19,7 @@ from diva.manifests.importers.hf import file_name, sniff_suffix
 from diva.manifests.prepare import import_corpus
 from diva.manifests.record import Utterance
 from diva.manifests.store import read_manifest
-from diva.manifests.validate import ValidationOptions
+from diva.manifests.validate import ValidationOptions, sentence_case, shouted
 
 FIELDS = ("id", "audio", "text", "language", "speaker", "split", "corpus", "offset_s", "extras")
 
@@ -121,15 +121,37 @@ def test_librispeech_above_the_subsets_reads_each_subset_as_its_split(libri, cli
     utts, rejects, stats = run("librispeech", root, tmp_path / "m")
     assert [u.id for u in utts] == [e["id"] for e in expected]  # sorted subsets, speakers, chapters; file order
     for utt, exp in zip(utts, expected, strict=True):
+        # LibriSpeech's ALL-CAPS sentences come in sentence case (the original kept); a one-word "ZERO" stays
+        text, extras = exp["text"], {"chapter": exp["chapter"]}
+        if len(text.split()) >= 3:
+            text, extras = sentence_case(text), extras | {"text_original": text}
         check(
-            utt, clips[exp["clip"]], id=exp["id"], audio=str(exp["audio"]), text=exp["text"], language="en",
-            speaker=exp["speaker"], split=exp["split"], corpus="librispeech", offset_s=0.0,
-            extras={"chapter": exp["chapter"]},
+            utt, clips[exp["clip"]], id=exp["id"], audio=str(exp["audio"]), text=text, language="en",
+            speaker=exp["speaker"], split=exp["split"], corpus="librispeech", offset_s=0.0, extras=extras,
         )  # fmt: skip
+    assert utts[0].text == "The two stray kittens gradually make themselves at home"
     trans = root / "test-clean" / "19" / "198" / "19-198.trans.txt"
     assert unparseable(rejects) == {f"{trans}:2": "expected 'UTTID TEXT', got '19-198-0009'"}
     assert (stats["rows_read"], stats["kept"], stats["rejected"]) == (7, 6, 1)
     assert stats["splits"] == {"dev-clean": 4, "test-clean": 2} and stats["speakers"] == 4
+
+
+def test_text_case_keep_leaves_the_transcripts_as_the_corpus_has_them(libri, tmp_path: Path) -> None:
+    root, expected = libri
+    utts, _, _ = run("librispeech", root / "dev-clean", tmp_path / "m", text_case="keep")
+    assert [u.text for u in utts] == [e["text"] for e in expected[:4]]
+    assert all("text_original" not in u.extras for u in utts)
+
+
+def test_sentence_case_rewrites_only_shouted_transcripts() -> None:
+    assert shouted("IF THE READER WILL EXCUSE ME") and shouted("WHEN ARE YOU GETTING RID OF THESE CATS I'M NOT")
+    assert not shouted("NASA OK") and not shouted("ZERO")  # fewer than 3 words: an acronym, a digit
+    assert not shouted("The BBC said SO") and not shouted("one two three") and not shouted("123 456 789")
+    assert sentence_case("WHEN ARE YOU GETTING RID OF THESE CATS I'M NOT FIXING TO START AN ANNEX TO KATE'S "
+                         "CAT HOME") == ("When are you getting rid of these cats I'm not fixing to start an annex to "
+                                         "kate's cat home")  # fmt: skip
+    assert sentence_case("\"I SAID I WOULD,\" HE SAID") == "\"I said I would,\" he said"
+    assert sentence_case("ÉCOLE ET ÇA VA") == "École et ça va"
 
 
 def test_librispeech_one_subset_and_the_split_option(libri, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from diva.manifests import voices
-from diva.manifests.effects import Effects, add_noise, add_room, pink_noise, room_response
+from diva.manifests.effects import Effects, add_noise, add_room, apply_effects, narrow_band, pink_noise, room_response
 from diva.manifests.importers.base import ImportOptions
 from diva.manifests.prepare import import_corpus
 from diva.manifests.synth import (
@@ -91,6 +91,22 @@ def test_a_room_decays_at_its_rt60_and_keeps_length_and_level() -> None:
     assert not np.allclose(wet, clean, atol=1e-2)
 
 
+def test_a_narrowband_channel_removes_what_lies_above_half_its_rate() -> None:
+    x = _tone(1.0, 300.0) + _tone(1.0, 6000.0)  # speech band + a 6 kHz partial a telephone does not carry
+    y = narrow_band(x, RATE, 8000)
+    assert y.shape == x.shape and y.dtype == np.float32
+    spectrum = np.abs(np.fft.rfft(y[2000:-2000]))
+    freqs = np.fft.rfftfreq(len(y) - 4000, 1 / RATE)
+    power = lambda hz: spectrum[np.abs(freqs - hz) < 20].max()  # noqa: E731
+    assert power(6000) < 0.01 * power(300)  # gone (down > 40 dB), the 300 Hz tone kept
+    assert power(300) > 0.9 * np.abs(np.fft.rfft(x[2000:-2000]))[np.abs(freqs - 300) < 20].max()
+    assert np.array_equal(apply_effects(x, RATE, Effects(band_hz=8000), seed=0), y)
+    assert np.array_equal(narrow_band(x, RATE, RATE), x)  # a channel as wide as the clip changes nothing
+    clip = plan_clips(SynthOptions(train_size=20, dev_size=5, test_size=5))[0]
+    assert replace(clip, effects=Effects(band_hz=8000)).name != clip.name
+    assert "band_hz" not in Effects().as_dict() and Effects(band_hz=8000).key() == "band=8000"
+
+
 def test_clean_clips_keep_their_names_and_effects_change_them() -> None:
     planned = plan_clips(SynthOptions(train_size=20, dev_size=5, test_size=5))
     clip = planned[0]
@@ -121,12 +137,17 @@ def test_shifts_rooms_and_noise_are_planned_in_turn_and_by_share() -> None:
     assert plan_clips(options) == clips  # deterministic
     grown = plan_clips(replace(options, train_size=700))  # a split's effects do not move when another grows
     assert [c.effects for c in grown if c.split == "test"] == [c.effects for c in test]
+    assert all(c.effects.band_hz is None for c in clips)
+    narrow = [c for c in plan_clips(replace(options, narrowband=0.25)) if c.split == "train"]
+    assert abs(sum(c.effects.band_hz == 8000 for c in narrow) / len(narrow) - 0.25) < 0.06
+    # the other draws do not move when the narrowband share is added
+    assert [replace(c.effects, band_hz=None) for c in narrow] == [c.effects for c in train]
 
 
 def test_voice_options_are_checked() -> None:
     for bad in ({"unseen_voices": ("slt",)}, {"unseen_size": 3}, {"unseen_voices": ("piper:joe",), "unseen_size": 500},
                 {"voices": ("espeak:en",)}, {"shifts": (2.0,)}, {"rt60_s": (0.9, 0.2)}, {"noise": 1.5},
-                {"snr_db": (5.0,)}):  # fmt: skip
+                {"snr_db": (5.0,)}, {"narrowband": 2.0}, {"band_hz": 48000}):  # fmt: skip
         with pytest.raises((ValueError, TypeError)):
             SynthOptions(**bad)
     assert voices.parse_voice("slt") == voices.Voice("flite", "slt") and voices.parse_voice("piper:joe").spec == (
