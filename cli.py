@@ -435,8 +435,8 @@ def corpus_synth(
     requests and statements plus short utterances (single words, digits, digit strings), several voices and speeds,
     held-out dev/test sentences that share no template-and-filler combination with train, optionally pitch-and-formant
     shifts, rooms, noise and narrowband channels, and an unseen.tsv of voices no other split uses. Written as a
-    Common Voice folder (clips/*.mp3, train/dev/test.tsv, clip_durations.tsv) plus synth_stats.json with the WER Whisper gets on a
-    sample. Resumable. `make demo` passes the demo's choice (DEMO_SYNTH in the Makefile)."""
+    Common Voice folder (clips/*.mp3, train/dev/test.tsv, clip_durations.tsv) plus synth_stats.json with the WER
+    Whisper gets on a sample. Resumable. `make demo` passes the demo's choice (DEMO_SYNTH in the Makefile)."""
     from diva.manifests.synth import SynthError, SynthOptions, synthesize_corpus
     from diva.zoo.resolve import ModelNotFound, resolve_model
 
