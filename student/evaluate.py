@@ -64,6 +64,7 @@ from diva.student.generate import (
 )
 from diva.student.losses import align_accuracy, align_pairs
 from diva.student.model import DiVAStudent, StudentConfig
+from diva.student.stats import blind_partners
 from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
 from diva.wer import word_errors
 
@@ -250,17 +251,6 @@ def scored_rows(manifest_dir: Path, limit: int, counts: dict[str, int]) -> Itera
         yield row, utt
 
 
-def blind_partners(n: int, seed: int = 0) -> list[int]:
-    """A seeded random pairing of n rows with no row paired with itself (Sattolo's algorithm: one random cycle
-    through all the rows): row i is fed row partner[i]'s audio in the audio-blind control."""
-    partner = list(range(n))
-    rng = np.random.default_rng(seed)
-    for i in range(n - 1, 0, -1):
-        j = int(rng.integers(0, i))  # j < i: i never keeps its own place
-        partner[i], partner[j] = partner[j], partner[i]
-    return partner
-
-
 def length_batches(durations: Sequence[float], batch_size: int) -> list[list[int]]:
     """Positions 0..n-1 in batches of `batch_size`, shortest utterances first (ties keep manifest order): a
     batch is padded to its longest clip and decodes until its longest transcript or answer ends, so a 2 s
@@ -332,6 +322,9 @@ def evaluate_answers(
                 scores[name][pos]["align_acc"] = align[i]
 
     scored = list(scored_rows(Path(manifest_dir), limit, counts))
+    if "blind" in systems and len(scored) == 1:
+        raise EvalError(f"{manifest_dir}: one row with a transcript; the audio-blind control feeds each row another "
+                        "row's audio, so it needs two (score more rows, or drop blind from the systems)")  # fmt: skip
     answered: dict[int, dict[str, Any]] = {}  # position in `scored` -> that row's answers as text
     # Per row, what the blind control needs once every row is decoded: the teacher's h_T and answer for this
     # row's transcript, and the student's h and answer for this row's audio.

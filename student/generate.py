@@ -274,7 +274,7 @@ def generate(
     tokenizer: Any,
     feature_extractor: Any,
     eos_ids: Sequence[int] | None = None,
-    trim_mel: bool = True,
+    trim_mel: bool | None = None,
     date_string: str | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
@@ -283,13 +283,15 @@ def generate(
 
     `prompt_text` is a text instruction, rendered in a system turn before the user turn (None: the student's
     own prompt, as trained; `date_string` pins a dated template's date, as the cache's PromptSpec does).
-    `eos_ids`: the stop ids (None: `eos_token_ids` of the tokenizer's LLM folder). `trim_mel` as the student was
-    trained (StudentConfig.trim_mel). `use_cache=False` recomputes the whole sequence at every step (for tests)."""
+    `eos_ids`: the stop ids (None: `eos_token_ids` of the tokenizer's LLM folder). `trim_mel`: None (the default)
+    featurises as the student was trained (its StudentConfig.trim_mel); True / False override it.
+    `use_cache=False` recomputes the whole sequence at every step (for tests)."""
     _check(student, do_sample, temperature, top_p)
     if not audios:
         raise ValueError("generate needs at least one clip")
     start = time.perf_counter()
     prompt, prefix_ids, suffix_ids = prompt_ids(student, tokenizer, prompt_text, date_string)
+    trim_mel = student.trim_mel if trim_mel is None else trim_mel
     rows = audio_rows(student, audios, prefix_ids, suffix_ids, feature_extractor, trim_mel)
     if eos_ids is None:
         eos_ids = eos_token_ids(tokenizer.name_or_path, tokenizer)
@@ -361,7 +363,7 @@ def stream_generate(
     tokenizer: Any,
     feature_extractor: Any,
     eos_ids: Sequence[int] | None = None,
-    trim_mel: bool = True,
+    trim_mel: bool | None = None,
     date_string: str | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[StreamPiece]:
@@ -369,6 +371,7 @@ def stream_generate(
     same tokens as `generate` on this clip alone); the pieces' texts concatenate to generate's text."""
     _check(student, do_sample, temperature, top_p)
     _, prefix_ids, suffix_ids = prompt_ids(student, tokenizer, prompt_text, date_string)
+    trim_mel = student.trim_mel if trim_mel is None else trim_mel
     rows = audio_rows(student, [audio], prefix_ids, suffix_ids, feature_extractor, trim_mel)
     if eos_ids is None:
         eos_ids = eos_token_ids(tokenizer.name_or_path, tokenizer)

@@ -345,6 +345,7 @@ class DiVAStudent(nn.Module):
         prefix_ids, suffix_ids: the prompt ids stored in the cache index (never a fresh template render).
         encoder_trainable, llm_trainable: freeze flags (both False in DiVA).
         reuse_prefix_kv: compute the prefix's keys/values once per batch (needs a frozen LLM).
+        trim_mel: whether its mel features are trimmed to the audio (StudentConfig.trim_mel), for inference.
     """
 
     def __init__(
@@ -360,6 +361,7 @@ class DiVAStudent(nn.Module):
         llm_trainable: bool = False,
         reuse_prefix_kv: bool = True,
         keep_lm_head: bool = False,
+        trim_mel: bool = True,
     ) -> None:
         super().__init__()
         if reuse_prefix_kv and llm_trainable:
@@ -379,6 +381,7 @@ class DiVAStudent(nn.Module):
         self.encoder_trainable = encoder_trainable
         self.llm_trainable = llm_trainable
         self.reuse_prefix_kv = reuse_prefix_kv
+        self.trim_mel = trim_mel  # how it was trained (StudentConfig.trim_mel): inference featurises the same way
         self.gradient_checkpointing = False
         self.encoder.requires_grad_(encoder_trainable)
         self.llm.requires_grad_(llm_trainable)
@@ -435,6 +438,7 @@ class DiVAStudent(nn.Module):
             prompt.suffix_ids,
             reuse_prefix_kv=cfg.reuse_prefix_kv,
             keep_lm_head=needs_lm_head(cfg) if keep_lm_head is None else keep_lm_head,
+            trim_mel=cfg.trim_mel,
         )
 
     def train(self, mode: bool = True) -> DiVAStudent:

@@ -92,6 +92,7 @@ from diva.student.distributed import SINGLE, Dist
 from diva.student.generate import eos_token_ids
 from diva.student.losses import align_accuracy, align_loss, combined_loss, distill_loss, kl_loss
 from diva.student.model import DiVAStudent, StudentConfig
+from diva.student.stats import blind_partners
 from diva.student.xopd import XOPDTerm
 from diva.teacher_cache.index import CacheError
 from diva.teacher_cache.prompt import PromptSpec
@@ -388,8 +389,10 @@ def prediction_scores(h: torch.Tensor, h_t: torch.Tensor, lm_head: nn.Module, pr
 def evaluate(
     student: DiVAStudent, batches: list[Batch], student_cfg: StudentConfig, lm_head: nn.Module, h_t_mean: torch.Tensor
 ) -> dict[str, float]:
-    """Held-out scores of the student, of the audio-blind control (each row fed the previous row's audio: the
-    batch rolled by one, scored against the row's own h_T) and of the mean-h_T predictor (the train set's mean
+    """Held-out scores of the student, of the audio-blind control (each row fed another row's audio, scored against
+    its own h_T: the report's seeded pairing `stats.blind_partners` over all the held-out rows, never a row with
+    itself; the student's h_S for a clip does not depend on the row it is scored for, so the control re-scores the
+    h_S already computed) and of the mean-h_T predictor (the train set's mean
     h_T as h_S for every row). `blind_same_text` is the fraction of rows whose borrowed audio says the same
     transcript: the control cannot tell those apart, so a high fraction makes it weak. `align` is the L2 alignment
     on student.align_slots whatever student.align_loss trains; `align_acc` the share of aligned slots whose best
@@ -398,7 +401,8 @@ def evaluate(
     was_training = student.training
     student.eval()
     sums: dict[str, float] = {}
-    rows = pairs = skipped = truncated = same_text = 0
+    rows = pairs = skipped = truncated = 0
+    heard, targets, texts = [], [], []  # every row's h_S, h_T and transcript ids, for the blind control
 
     def add(scores: dict[str, float]) -> None:
         for key, value in scores.items():
@@ -416,19 +420,27 @@ def evaluate(
         const_correct, _ = align_accuracy(constant, ids, table, student_cfg.long_text, student_cfg.align_slots)
         add({"align_acc": float(correct), "align_acc_constant": float(const_correct)})
         pairs, skipped, truncated = pairs + stats.pairs, skipped + stats.skipped, truncated + stats.truncated
-        blind = student(encoder_out=batch.encoder_out.roll(1, 0), encoder_lengths=batch.encoder_lengths.roll(1, 0))
-        add(prediction_scores(blind.h_s, batch.h_t, lm_head, "blind_"))
-        same_text += sum(a == b for a, b in zip(batch.text_ids, batch.text_ids[-1:] + batch.text_ids[:-1], strict=True))
+        heard.append(out.h_s)
+        targets.append(batch.h_t)
+        texts += list(batch.text_ids)
         mean = h_t_mean.to(batch.h_t.device).expand_as(batch.h_t)  # (B, d_llm)
         add(prediction_scores(mean, batch.h_t, lm_head, "mean_ht_"))
         rows += batch.h_t.shape[0]
+    same_text = float("nan")
+    if rows >= 2:  # row i scored with partner[i]'s h_S, in chunks of the batch size
+        partner = torch.tensor(blind_partners(rows))
+        h_s, h_t, width = torch.cat(heard), torch.cat(targets), max(len(t) for t in targets)
+        for start in range(0, rows, width):
+            chunk = slice(start, min(rows, start + width))
+            add(prediction_scores(h_s[partner[chunk]], h_t[chunk], lm_head, "blind_"))
+        same_text = sum(texts[i] == texts[j] for i, j in enumerate(partner.tolist())) / rows
     student.train(was_training)
     per_pair = ("align", "align_acc", "align_acc_constant")
     metrics = {key: value / rows for key, value in sums.items() if key not in per_pair}
     for key in per_pair:  # means over the aligned (b, n) pairs
         metrics[key] = sums.get(key, 0.0) / pairs if pairs else float("nan")
     counts = {"rows": rows, "align_skipped": skipped, "align_truncated": truncated}
-    return {**metrics, **counts, "blind_same_text": same_text / rows}
+    return {**metrics, **counts, "blind_same_text": same_text}
 
 
 def eval_batches(cache_dir: Path, encoder: EncoderOutputs, batch_size: int, limit: int) -> Iterator[Batch]:

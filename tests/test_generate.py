@@ -220,3 +220,30 @@ def test_text_pieces_hold_back_what_may_still_change(loaded) -> None:
     pieces = TextPieces(tokenizer, stop_ids=[0])
     text = "".join(pieces.add(t) for t in ids) + pieces.flush()
     assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_generate_featurises_as_the_student_was_trained(
+    tiny_whisper: Path, tiny_llama: Path, speech_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trim_mel comes from the student's own config (saved and loaded back), not a default of True."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    import diva.student.generate as gen
+
+    prompt = build_prompt(AutoTokenizer.from_pretrained(tiny_llama))
+    cfg = replace(CFG, trim_mel=False)
+    student = DiVAStudent.from_pretrained_parts(tiny_whisper, tiny_llama, prompt, cfg).eval()
+    folder = save_pretrained(student, tmp_path / "s", tiny_whisper, tiny_llama, prompt, cfg)
+    loaded, info = load_pretrained(folder)
+    tokenizer, fe = load_processors(info)
+    assert loaded.trim_mel is False
+    seen = []
+    real_log_mel = gen.log_mel
+    monkeypatch.setattr(gen, "log_mel", lambda *a, trim, **kw: seen.append(trim) or real_log_mel(*a, trim=trim, **kw))
+    audio = load_audio(speech_dir / CLIPS[0])[0]
+    generate(loaded, [audio], max_new_tokens=2, tokenizer=tokenizer, feature_extractor=fe)
+    list(gen.stream_generate(loaded, audio, max_new_tokens=2, tokenizer=tokenizer, feature_extractor=fe))
+    generate(loaded, [audio], max_new_tokens=2, tokenizer=tokenizer, feature_extractor=fe, trim_mel=True)
+    assert seen == [False, False, True]

@@ -21,10 +21,11 @@ from diva.audio import load_audio
 from diva.cli import app
 from diva.manifests.store import read_manifest
 from diva.student.checkpoint import load_pretrained, load_processors
-from diva.student.evaluate import METRICS, blind_partners, length_batches, render_markdown
+from diva.student.evaluate import METRICS, length_batches, render_markdown
 from diva.student.features import log_mel
 from diva.student.generate import generate
 from diva.student.report import build_report
+from diva.student.stats import blind_partners
 from diva.teacher_cache.backends.hf import HFTeacher
 from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
 from diva.tests.test_train import _build, _clips
@@ -223,6 +224,8 @@ def test_blind_partners_pair_every_row_with_another_one() -> None:
         assert sorted(partner) == list(range(n)) and all(partner[i] != i for i in range(n))
     neighbours = sum(abs(i - j) == 1 for i, j in enumerate(blind_partners(40)))
     assert neighbours < 10  # not the batch rolled by one
+    with pytest.raises(ValueError, match="1 row"):
+        blind_partners(1)
 
 
 def test_report_writes_tables_verdicts_and_curves_once(run: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -233,6 +234,40 @@ def test_trained_student_against_the_audio_blind_control(caches, tiny_whisper, t
     assert seen["blind_same_text"] == 0  # every borrowed clip says another digit
     assert seen["distill"] < 0.9 * seen["blind_distill"], seen
     assert seen["distill"] < seen["mean_ht_distill"], seen
+
+
+def test_held_out_blind_control_pairs_rows_as_the_report_does(caches, tiny_whisper, tiny_llama) -> None:
+    """The trainer's audio-blind control: row i scored with row partner[i]'s h_S (stats.blind_partners over all the
+    held-out rows, across batches): batches of one row never pair a row with itself."""
+    from transformers import WhisperFeatureExtractor
+
+    from diva.student.data import EncoderOutputs, mean_h_t
+    from diva.student.model import DiVAStudent
+    from diva.student.stats import blind_partners
+    from diva.student.train import eval_batches, evaluate, load_lm_head, prediction_scores
+    from diva.teacher_cache.index import read_index
+    from diva.teacher_cache.prompt import PromptSpec
+
+    torch.manual_seed(0)
+    prompt = PromptSpec.from_json(read_index(caches["eval"])["prompt"])
+    student = DiVAStudent.from_pretrained_parts(tiny_whisper, tiny_llama, prompt, STUDENT).eval()
+    encoder = EncoderOutputs(student, WhisperFeatureExtractor.from_pretrained(tiny_whisper), trim=True, reuse=False)
+    lm_head = load_lm_head(tiny_llama, torch.float32, torch.device("cpu"))
+    h_t_mean = mean_h_t(caches["train"])
+    singles = list(eval_batches(caches["eval"], encoder, 1, 0))  # one row per batch
+    scores = evaluate(student, singles, STUDENT, lm_head, h_t_mean)
+    with torch.no_grad():
+        h_s = torch.cat([student(encoder_out=b.encoder_out, encoder_lengths=b.encoder_lengths).h_s for b in singles])
+    h_t = torch.cat([b.h_t for b in singles])
+    partner = blind_partners(len(singles))
+    expected = prediction_scores(h_s[partner], h_t, lm_head, "blind_")
+    for key, value in expected.items():
+        assert scores[key] == pytest.approx(value / len(singles), rel=1e-4, abs=1e-6), key
+    assert scores["blind_distill"] != pytest.approx(scores["distill"])  # not each row against its own audio
+    batched = evaluate(student, list(eval_batches(caches["eval"], encoder, 4, 0)), STUDENT, lm_head, h_t_mean)
+    assert batched["blind_distill"] == pytest.approx(scores["blind_distill"], rel=1e-4)  # batching changes nothing
+    alone = evaluate(student, singles[:1], STUDENT, lm_head, h_t_mean)
+    assert "blind_distill" not in alone and math.isnan(alone["blind_same_text"])  # one row: no control
 
 
 def test_ids_only_cache_gives_the_same_alignment_targets(
