@@ -30,7 +30,7 @@ from diva import __version__
 from diva.config import StudentConfig, from_dict, load_config, to_dict
 from diva.student.model import DiVAStudent
 from diva.teacher_cache.prompt import PromptSpec
-from diva.zoo.checksum import weights_checksum
+from diva.zoo.checksum import checksum_matches, weights_checksum
 
 FORMAT = "diva-student-v1"
 CONFIG_FILE = "config.json"
@@ -102,7 +102,7 @@ def save_pretrained(
 
 def _check_checksum(kind: str, model_dir: Path, expected: str, source: Path) -> str:
     actual = weights_checksum(model_dir)
-    if actual != expected:
+    if not checksum_matches(model_dir, expected):  # a student saved before checksum v2 recorded v1
         raise CheckpointError(
             f"{source} was trained on a {kind} whose weights checksum is {expected[:12]}..., but {model_dir} has "
             f"{actual[:12]}...; give the {kind} folder it was trained with (--{kind.lower()} / {kind.lower()}_dir=)"

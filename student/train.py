@@ -483,15 +483,17 @@ def is_due(step: int, every: int, last: int) -> bool:
 # --- the recipe ---------------------------------------------------------------------------------------
 
 
-def open_cache(cache_dir: Path, llm_checksum: str) -> dict[str, Any]:
+def open_cache(cache_dir: Path, llm_checksum: str, llm_dir: Path | None = None) -> dict[str, Any]:
     """The cache index, after refusing a cache built with another LLM than the student's."""
     try:
-        return check_fingerprint(cache_dir, llm_checksum)
+        return check_fingerprint(cache_dir, llm_checksum, llm_dir)
     except CacheError as e:
         raise CacheError(f"refusing to train on {cache_dir}: {e}") from e
 
 
-STUDENT_FINGERPRINT = ("teacher_weights_sha256", "prefix_ids", "suffix_ids", "dtype", "hidden_size")
+# the teacher's checksum is not compared between caches: open_cache checked each against the student's LLM (a cache
+# from before checksum v2 records the v1 checksum of the same weights)
+STUDENT_FINGERPRINT = ("prefix_ids", "suffix_ids", "dtype", "hidden_size")
 ANSWER_FINGERPRINT = ("answer_tokens", "answer_targets", "answer_topk", "answer_stop_ids")
 ANSWER_TARGETS_FOR = {"l2": ("hidden",), "kl": ("topk",), "ce": ("ids", "hidden", "topk")}
 
@@ -585,13 +587,13 @@ def train(
         dtype = resolve_dtype(runtime.dtype, device)
 
         llm_checksum = weights_checksum(Path(llm_dir))
-        indexes = {d: open_cache(d, llm_checksum) for d in cache_dirs}
+        indexes = {d: open_cache(d, llm_checksum, Path(llm_dir)) for d in cache_dirs}
         check_mixable(indexes)
         check_answers(indexes, student_cfg, train_cfg.teacher == "online")
         index = indexes[cache_dir]
         distributed.check_shards(sum(len(i["shards"]) for i in indexes.values()), layout)
         if eval_cache_dir is not None:
-            eval_index = open_cache(Path(eval_cache_dir), llm_checksum)
+            eval_index = open_cache(Path(eval_cache_dir), llm_checksum, Path(llm_dir))
             if eval_index["prompt"]["prefix_ids"] != index["prompt"]["prefix_ids"] or (
                 eval_index["prompt"]["suffix_ids"] != index["prompt"]["suffix_ids"]
             ):

@@ -14,6 +14,7 @@ import zstandard
 
 from diva.teacher_cache.index import SHARDS, CacheError, read_index
 from diva.teacher_cache.write import from_stored
+from diva.zoo.checksum import checksum_matches
 
 
 def shard_paths(cache_dir: Path, ext: str) -> list[Path]:
@@ -82,11 +83,12 @@ def stream_samples(
         yield from pipeline
 
 
-def check_fingerprint(cache_dir: Path, teacher_checksum: str) -> dict[str, Any]:
-    """The index, after checking the cache was built with the LLM whose weight checksum is given."""
+def check_fingerprint(cache_dir: Path, teacher_checksum: str, teacher_dir: Path | None = None) -> dict[str, Any]:
+    """The index, after checking the cache was built with the LLM whose weight checksum is given (with its folder,
+    `teacher_dir`, a cache that recorded the older v1 checksum of that folder passes too)."""
     index = read_index(cache_dir)
     built_with = index["fingerprint"]["teacher_weights_sha256"]
-    if built_with != teacher_checksum:
+    if built_with != teacher_checksum and not (teacher_dir is not None and checksum_matches(teacher_dir, built_with)):
         raise CacheError(
             f"{cache_dir} was built with a teacher whose weights checksum is {built_with[:12]}..., "
             f"not {teacher_checksum[:12]}... (the LLM given); rebuild the cache with this LLM"

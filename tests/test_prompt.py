@@ -75,3 +75,25 @@ def test_weights_checksum_is_stable_and_path_independent(tiny_llama: Path, tmp_p
     assert weights_checksum(moved) == first
     other = build_tiny_llama(tmp_path / "other", seed=1)
     assert weights_checksum(other) != first
+
+
+def test_weights_checksum_sees_every_byte_and_old_v1_records_still_match(tiny_llama: Path, tmp_path: Path) -> None:
+    """One changed weight byte between v1's sampled blocks: v2 (every byte) tells the models apart, v1 did not;
+    an artefact that recorded the v1 checksum of a folder still matches it."""
+    import shutil
+
+    from diva.zoo.checksum import BLOCK_BYTES, BLOCKS_PER_FILE, checksum_matches, weight_files
+
+    tuned = shutil.copytree(tiny_llama, tmp_path / "tuned")
+    path = weight_files(tuned)[0]
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    stride = (len(data) - header - BLOCK_BYTES) // (BLOCKS_PER_FILE - 1)
+    assert stride > BLOCK_BYTES  # room between two sampled blocks
+    at = header + BLOCK_BYTES + (stride - BLOCK_BYTES) // 2  # between the first and second block
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert weights_checksum(tuned, "v1") == weights_checksum(tiny_llama, "v1")  # what v1 missed
+    assert weights_checksum(tuned) != weights_checksum(tiny_llama)
+    assert checksum_matches(tiny_llama, weights_checksum(tiny_llama, "v1"))
+    assert not checksum_matches(tuned, weights_checksum(tiny_llama))
