@@ -100,6 +100,7 @@ class Batch:
     targets: list[torch.Tensor]  # B tensors (N_b, d_llm): E(t) of each transcript, float32
     text_ids: list[tuple[int, ...]]  # B transcripts as token ids
     answers: AnswerBatch | None = None  # the teacher's answers and their targets, from a cache with answers
+    audio_truncated: int = 0  # rows whose audio was longer than 30 s, cut to its first 30 s when encoded
 
 
 @dataclass
@@ -317,15 +318,25 @@ class Prepared:
     fresh: list[int]  # rows whose log-mel is below, in order
     features: torch.Tensor | None  # (F, n_mels, T) log-mel of the fresh rows; None when no row is fresh
     frames: torch.Tensor | None  # (F,) mel frames of each fresh row
+    truncated: int = 0  # fresh rows whose audio was cut to Whisper's 30 s
 
 
 def featurise(samples: list[dict[str, Any]], feature_extractor: Any, trim: bool, fresh: list[int]) -> Prepared:
-    """Decode the audio of rows `fresh` and compute their log-mel as one batch (the CPU half of encoding)."""
+    """Decode the audio of rows `fresh` and compute their log-mel as one batch (the CPU half of encoding).
+
+    Training reads at most Whisper's 30 s of each row, its first 30 s, as the DiVA authors do (a manifest imported
+    with --max-duration-s 0 keeps longer rows; a probed mp3 can also decode a little longer than its header said);
+    the rows cut are counted (`Prepared.truncated`, the trainer's `audio_truncated`). Inference encodes long audio
+    in 30 s chunks instead."""
     features = frames = None
+    truncated = 0
     if fresh:
-        features, frames = log_mel([waveform(samples[i]) for i in fresh], feature_extractor, trim)
+        limit = feature_extractor.n_samples  # 480,000 samples: 30 s at 16 kHz
+        audio = [waveform(samples[i]) for i in fresh]
+        truncated = sum(len(a) > limit for a in audio)
+        features, frames = log_mel([a[:limit] for a in audio], feature_extractor, trim)
     kept = [{k: v for k, v in s.items() if k != "audio"} for s in samples]  # the bytes are not needed past here
-    return Prepared(kept, fresh, features, frames)
+    return Prepared(kept, fresh, features, frames, truncated)
 
 
 class EncoderOutputs:
@@ -360,9 +371,13 @@ class EncoderOutputs:
             self.store[prepared.samples[row]["id"]] = out.detach().cpu().clone()  # not a view of the batch
         return [self.store[s["id"]] for s in prepared.samples]
 
+    def prepare(self, samples: list[dict[str, Any]]) -> Prepared:
+        """Decoded cache samples featurised here in the calling process (their fresh rows)."""
+        return featurise(samples, self.feature_extractor, self.trim, self.fresh_rows(samples))
+
     def __call__(self, samples: list[dict[str, Any]]) -> list[torch.Tensor]:
         """Encoder outputs of decoded cache samples, featurised here in the calling process."""
-        return self.outputs(featurise(samples, self.feature_extractor, self.trim, self.fresh_rows(samples)))
+        return self.outputs(self.prepare(samples))
 
 
 def alignment_targets(samples: list[dict[str, Any]], student: DiVAStudent) -> list[torch.Tensor]:
@@ -430,8 +445,9 @@ def make_batch(
     """A Batch of decoded cache samples (featurised here) or of a worker's `Prepared` batch, on the student's
     device; with `teacher`, h_T is computed, not read."""
     device = encoder.student.prefix_ids.device
-    outputs = encoder.outputs(samples) if isinstance(samples, Prepared) else encoder(samples)
-    samples = samples.samples if isinstance(samples, Prepared) else samples
+    prepared = samples if isinstance(samples, Prepared) else encoder.prepare(samples)
+    outputs = encoder.outputs(prepared)
+    samples = prepared.samples
     encoder_out, lengths = pad_encoder_outputs([o.to(device) for o in outputs])  # (B, T_max, d_w), (B,)
     text_ids = [tuple(int(t) for t in s["text_ids"]) for s in samples]
     if teacher is None:
@@ -441,7 +457,7 @@ def make_batch(
     targets = [t.to(device) for t in alignment_targets(samples, encoder.student)]
     answers = answer_batch(samples) if teacher is None else teacher.answer_batch(text_ids)
     return Batch([s["id"] for s in samples], encoder_out, lengths.to(device), h_t.to(device), targets, text_ids,
-                 None if answers is None else answers.to(device))  # fmt: skip
+                 None if answers is None else answers.to(device), prepared.truncated)  # fmt: skip
 
 
 def mean_h_t(cache_dir: Path) -> torch.Tensor:

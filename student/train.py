@@ -327,10 +327,11 @@ def train_step(
         xopd = None
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {"loss": 0.0}
-    counts = {"align_skipped": 0, "align_truncated": 0, "align_empty": 0}
+    counts = {"align_skipped": 0, "align_truncated": 0, "align_empty": 0, "audio_truncated": 0}
     lr = schedule.get_last_lr()[0]
     for _ in range(cfg.grad_accum):
         batch, position = next(batches)
+        counts["audio_truncated"] += batch.audio_truncated
         answer_ids = batch.answers.ids if student_cfg.answer_weight > 0 and batch.answers is not None else None
         out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths, answer_ids=answer_ids)
         ids = table = None

@@ -165,6 +165,37 @@ def test_short_run_learns_and_writes_its_files(caches, tiny_whisper, tiny_llama,
     assert state["position"] == {"caches": [{"epoch": 8, "consumed": 0}], "draws": 160}
 
 
+@pytest.mark.parametrize("trim_mel", [True, False])
+def test_a_row_longer_than_30_s_trains_on_its_first_30_s(
+    speech_dir: Path, tiny_whisper: Path, tiny_llama: Path, tmp_path: Path, trim_mel: bool
+) -> None:
+    """A 35 s row (a manifest imported with --max-duration-s 0) trains, its audio cut to 30 s and counted."""
+    from dataclasses import replace
+
+    import soundfile as sf
+
+    from diva.audio import load_audio
+    from diva.manifests.validate import ValidationOptions
+
+    books = sorted((speech_dir / "librispeech").glob("*.flac"))
+    long = np.concatenate([load_audio(p)[0] for p in books])[: 35 * 16_000]
+    assert len(long) == 35 * 16_000
+    sf.write(tmp_path / "long.wav", long, 16_000)
+    digits = _clips(speech_dir)[:3]
+    rows = [f"{tmp_path / 'long.wav'}\tif the reader will excuse me"]
+    rows += [f"{speech_dir / r['file']}\t{r['transcript']}" for r in digits]
+    (tmp_path / "clips.tsv").write_text("\n".join(["path\ttext", *rows]) + "\n")
+    import_corpus("tsv", tmp_path / "clips.tsv", tmp_path / "m", ImportOptions(), ValidationOptions(max_duration_s=0))
+    cfg = load_config("tiny", ["cache.max_text_tokens=64", "runtime.threads=1"])
+    build_cache(tmp_path / "m", tmp_path / "cache", tiny_llama, cfg.cache, cfg.runtime)
+    student = replace(STUDENT, trim_mel=trim_mel)
+    train(tmp_path / "cache", tmp_path / "run", tiny_whisper, tiny_llama, student, _train_cfg(steps=2, batch_size=4),
+          RUNTIME, eval_cache_dir=tmp_path / "cache")  # fmt: skip
+    records = _records(tmp_path / "run")
+    assert [r["audio_truncated"] for r in records] == [1, 1]  # every step holds all four rows, the long one cut
+    assert all(math.isfinite(r["loss"]) for r in records)
+
+
 def test_resume_equals_an_uninterrupted_run(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
     cfg = _train_cfg(steps=12, grad_accum=2, batch_size=3, checkpoint_every=6)
     straight, halted = tmp_path / "straight", tmp_path / "halted"
