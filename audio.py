@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from diva.errors import UserError
+
 TARGET_SAMPLE_RATE = 16_000
 RAW_SUFFIXES = (".raw", ".pcm")  # headerless: read as 16-bit little-endian mono at RAW_SAMPLE_RATE
 RAW_SAMPLE_RATE = 16_000
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """Audio that cannot be read; the message names the file."""
 
 

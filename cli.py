@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diva import __version__
+from diva.errors import UserError
 
 app = typer.Typer(
     name="diva",
@@ -160,7 +161,7 @@ def models_tiny(
             continue
         try:
             build(folder)
-        except (FileExistsError, ValueError) as e:
+        except (FileExistsError, UserError) as e:
             raise _fail(str(e)) from e
         out.print(f"{name}: built at {folder}")
 
@@ -302,7 +303,7 @@ def manifest_import(
 
         try:
             result = import_corpus(kind, source, out_dir, options, validation, workers, force, progress)
-        except (ValueError, FileNotFoundError) as e:
+        except (UserError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
     stats = result.stats
     if result.status == "present":
@@ -437,7 +438,7 @@ def corpus_synth(
     shifts, rooms, noise and narrowband channels, and an unseen.tsv of voices no other split uses. Written as a
     Common Voice folder (clips/*.mp3, train/dev/test.tsv, clip_durations.tsv) plus synth_stats.json with the WER
     Whisper gets on a sample. Resumable. `make demo` passes the demo's choice (DEMO_SYNTH in the Makefile)."""
-    from diva.manifests.synth import SynthError, SynthOptions, synthesize_corpus
+    from diva.manifests.synth import SynthOptions, synthesize_corpus
     from diva.zoo.resolve import ModelNotFound, resolve_model
 
     try:
@@ -455,7 +456,7 @@ def corpus_synth(
     with console.status("synthesizing ...") as status:
         try:
             stats = synthesize_corpus(out_dir, options, whisper_dir, progress=lambda msg: status.update(msg))
-        except (SynthError, ValueError) as e:
+        except UserError as e:  # SynthError too
             raise _fail(str(e)) from e
     if stats.get("status") == "present":
         out.print(f"{out_dir}: already synthesized with these options (nothing to do)")
@@ -501,8 +502,6 @@ def cache_build(
 
     from diva.config import ConfigError, load_config, save_config, to_dict
     from diva.teacher_cache.build import build_cache
-    from diva.teacher_cache.index import CacheError
-    from diva.teacher_cache.prompt import PromptError
     from diva.zoo.resolve import ModelNotFound, resolve_model
 
     extra = list(overrides or [])
@@ -524,7 +523,7 @@ def cache_build(
                 manifest, out_dir, teacher_dir, cfg.cache, cfg.runtime, worker, workers, to_dict(cfg),
                 lambda done, total: bar.update(task, completed=done, total=total),
             )  # fmt: skip
-        except (CacheError, PromptError, FileNotFoundError, ValueError) as e:
+        except (UserError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
     save_config(cfg, out_dir / f"config.worker{worker}.yaml", made_by="diva cache build")
     rate = (
@@ -641,7 +640,6 @@ def train_command(
     from diva.config import ConfigError, load_config
     from diva.student.distributed import from_env
     from diva.student.train import train
-    from diva.teacher_cache.index import CacheError
     from diva.zoo.resolve import ModelNotFound, resolve_model
 
     try:
@@ -664,7 +662,7 @@ def train_command(
         try:
             result = train(cache, out_dir, whisper_dir, llm_dir, cfg.student, cfg.train, cfg.runtime, eval_cache,
                            resume, progress, cache_weight or None)  # fmt: skip
-        except (CacheError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        except (UserError, FileExistsError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
     if not main:
         return
@@ -739,9 +737,8 @@ def chat_command(
     """Answer one spoken question with the trained student, printing the answer as it is generated."""
     import sys
 
-    from diva.audio import AudioError, load_audio
+    from diva.audio import load_audio
     from diva.student.answer import stream_answer
-    from diva.student.checkpoint import CheckpointError
 
     model_dir = _model_dir(model)
     try:
@@ -750,7 +747,7 @@ def chat_command(
         for piece in stream_answer(model_dir, samples, prompt, max_new_tokens, temperature, top_p, seed, device):
             sys.stdout.write(piece.text)
             sys.stdout.flush()
-    except (AudioError, CheckpointError, ValueError, RuntimeError) as e:
+    except (UserError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
     sys.stdout.write("\n")
 
@@ -788,10 +785,7 @@ def generate_command(
     """Answer every row of a manifest in batches (greedy), with a progress bar; resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from diva.audio import AudioError
-    from diva.manifests.store import ManifestError
     from diva.student.answer import answer_manifest
-    from diva.student.checkpoint import CheckpointError
 
     model_dir = _model_dir(model)
     with Progress("answers", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
@@ -799,7 +793,7 @@ def generate_command(
         try:
             summary = answer_manifest(model_dir, manifest, out_jsonl, batch_size, max_new_tokens, limit, prompt,
                                       device, lambda done, total: bar.update(task, completed=done))  # fmt: skip
-        except (AudioError, CheckpointError, ManifestError, ValueError) as e:
+        except (UserError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
     rate = f", {summary.audio_s / summary.seconds:.1f} s of audio per s" if summary.seconds else ""
     out.print(f"answered {summary.answered} rows, {summary.errors} unreadable (error lines), "
@@ -841,9 +835,7 @@ def eval_command(
     answers and shared prefix. Only rows with a transcript are scored; n is reported."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from diva.audio import AudioError
-    from diva.manifests.store import ManifestError, write_json_atomic
-    from diva.student.checkpoint import CheckpointError
+    from diva.manifests.store import write_json_atomic
     from diva.student.evaluate import evaluate_answers, report_notes, table_rows
 
     model_dir = _model_dir(model)
@@ -853,7 +845,7 @@ def eval_command(
         try:
             report = evaluate_answers(model_dir, manifest, limit, batch_size, max_new_tokens, names, device,
                                       lambda done, total: bar.update(task, completed=done))  # fmt: skip
-        except (AudioError, CheckpointError, ManifestError, ValueError) as e:
+        except (UserError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
     header, rows = table_rows(report)  # one row per system; printed one row per metric to fit a terminal
     table = Table("metric", title=f"{model_dir} vs the teacher on {manifest}")
@@ -878,11 +870,11 @@ def export_command(
     """Save a trained student as a self-describing folder (config.json naming the base Whisper and LLM with their
     weight checksums and the prompt ids, model.safetensors with the trained weights), loadable without the run
     or its cache: `diva chat --model OUT_DIR`."""
-    from diva.student.checkpoint import CheckpointError, export_pretrained
+    from diva.student.checkpoint import export_pretrained
 
     try:
         path, info = export_pretrained(_model_dir(model), out_dir)
-    except (CheckpointError, OSError, ValueError) as e:
+    except (UserError, OSError) as e:
         raise _fail(str(e)) from e
     step = f" (step {info.step})" if info.step is not None else ""
     out.print(f"exported {info.path}{step} -> {path}")
@@ -918,9 +910,6 @@ def report_command(
     against a constant's. Skipped when the run and the options did not change."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from diva.audio import AudioError
-    from diva.manifests.store import ManifestError
-    from diva.student.checkpoint import CheckpointError
     from diva.student.report import build_report, verdict_text
 
     model_dir = _model_dir(model)
@@ -938,7 +927,7 @@ def report_command(
             path, report, built = build_report(
                 model_dir, sets, limit, batch_size, max_new_tokens, device=device, force=force, progress=advance
             )
-        except (AudioError, CheckpointError, ManifestError, ValueError) as e:
+        except (UserError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
     for name, result in report["sets"].items():
         out.print(f"{name} (n={result['n']}):")
@@ -977,14 +966,11 @@ def ask_command(
     device: DeviceOpt = "auto",
 ) -> None:
     """Answer one held-out spoken question twice: the teacher reading its transcript, the student hearing it."""
-    from diva.audio import AudioError
-    from diva.manifests.store import ManifestError
-    from diva.student.checkpoint import CheckpointError
     from diva.student.evaluate import spoken_question
 
     try:
         result = spoken_question(_model_dir(model), manifest, utt_id, max_new_tokens, device)
-    except (AudioError, CheckpointError, ManifestError, ValueError) as e:
+    except (UserError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
     out.print(f"audio ({result['duration_s']:.1f} s): {result['audio']}")
     out.print(f"transcript:               {result['transcript']}")
@@ -1047,9 +1033,7 @@ def ablate_command(
     a randomly initialised Q-Former, an MLP adapter, or a whole-answer loss added) and write OUT/ablations.md: per
     held-out set the metrics of each variant, its paired-bootstrap difference from the first variant, and what each
     cost. Resumable: finished runs and scores are reused."""
-    from diva.config import ConfigError
     from diva.student.ablations import run_ablations
-    from diva.teacher_cache.index import CacheError
     from diva.zoo.resolve import ModelNotFound
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
@@ -1064,7 +1048,7 @@ def ablate_command(
                                    device=device, on_variant=lambda key, what: out.print(f"{key}: {what}"),
                                    answer_caches=kinds, extra_sets={"real": real} if real else None,
                                    batch_size=batch_size)  # fmt: skip
-    except (CacheError, ConfigError, ModelNotFound, ValueError) as e:
+    except (UserError, ModelNotFound) as e:
         raise _fail(str(e)) from e
     out.print((path).read_text())
     out.print(f"table: {path}")

@@ -20,11 +20,12 @@ from typing import Any, Literal
 import yaml
 
 from diva import __version__
+from diva.errors import UserError
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that cannot be applied; the message names the key and its source."""
 
 

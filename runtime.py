@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from diva.config import ConfigError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,7 +50,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """The compute dtype for `spec` (auto, float32, bfloat16, float16) on `device`."""
     if spec != "auto":
         if spec not in DTYPES:
-            raise ValueError(f"unknown dtype '{spec}'; choose auto, {', '.join(DTYPES)}")
+            raise ConfigError(f"unknown dtype '{spec}'; choose auto, {', '.join(DTYPES)}")
         return DTYPES[spec]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32

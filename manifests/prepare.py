@@ -16,7 +16,7 @@ from diva import __version__
 from diva.manifests.importers.base import ImportOptions, Row
 from diva.manifests.importers.commonvoice import read_commonvoice
 from diva.manifests.record import Reason, Reject, Utterance
-from diva.manifests.store import ManifestWriter, read_stats
+from diva.manifests.store import ManifestError, ManifestWriter, read_stats
 from diva.manifests.validate import ValidationOptions, validate
 
 T = TypeVar("T")
@@ -97,7 +97,7 @@ def import_corpus(
     """
     importers = _importers()
     if kind not in importers:
-        raise ValueError(f"unknown corpus kind '{kind}'; choose one of {', '.join(sorted(importers))}")
+        raise ManifestError(f"unknown corpus kind '{kind}'; choose one of {', '.join(sorted(importers))}")
     source, out_dir = Path(source).resolve(), Path(out_dir)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such corpus folder or file")

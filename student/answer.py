@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from diva.audio import AudioError, load_audio
+from diva.errors import UserError
 from diva.manifests.record import Utterance
 from diva.manifests.store import read_manifest
 from diva.student.generate import SAMPLE_RATE, StreamPiece, generate, stream_generate
@@ -88,7 +89,7 @@ def answer_manifest(
     from diva.student.checkpoint import load_pretrained, load_processors
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
     student, info = load_pretrained(model_dir, device=resolve_device(device))
     tokenizer, feature_extractor = load_processors(info)
     out_jsonl = Path(out_jsonl)
@@ -171,7 +172,7 @@ def stream_answer(
     from diva.student.checkpoint import load_pretrained, load_processors
 
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        raise UserError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     torch_device = resolve_device(device)
     student, info = load_pretrained(model_dir, device=torch_device)
     tokenizer, feature_extractor = load_processors(info)

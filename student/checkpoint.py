@@ -28,6 +28,7 @@ import torch
 
 from diva import __version__
 from diva.config import StudentConfig, from_dict, load_config, to_dict
+from diva.errors import UserError
 from diva.student.model import DiVAStudent
 from diva.teacher_cache.prompt import PromptSpec
 from diva.zoo.checksum import checksum_matches, weights_checksum
@@ -37,7 +38,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A student folder that cannot be loaded: missing files, other base models, tensors that do not fit."""
 
 

@@ -45,9 +45,10 @@ import numpy as np
 import torch
 
 from diva.audio import load_audio
+from diva.config import ConfigError
 from diva.student.features import encoder_frames_for, log_mel
 from diva.student.model import DiVAStudent, pad_encoder_outputs
-from diva.teacher_cache.index import read_index
+from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.prompt import PromptSpec, teacher_input_ids
 from diva.teacher_cache.read import decode_sample, shard_paths
 
@@ -209,7 +210,7 @@ def epoch_samples(
         for k in shards:
             shard = read_shard(paths[k], dtype)
             if len(shard) != rows[k]:
-                raise ValueError(
+                raise CacheError(
                     f"{paths[k]} holds {len(shard)} samples but the index says {rows[k]}; verify the cache"
                 )
             samples += shard if window > 1 else [shard[r] for r in row_order(rows[k], seed, epoch, k, shuffle)]
@@ -225,7 +226,7 @@ def sample_stream(
     """Endless (sample, position after it) pairs from `start`, epoch after epoch (`window`: see epoch_samples)."""
     total = read_index(cache_dir)["rows"]
     if total == 0:
-        raise ValueError(f"{cache_dir} holds no rows to train on")
+        raise CacheError(f"{cache_dir} holds no rows to train on")
     epoch, consumed = start.epoch, start.consumed
     while True:
         for sample in epoch_samples(cache_dir, seed, epoch, skip=consumed, shuffle=shuffle, window=window):
@@ -254,9 +255,9 @@ def mixed_stream(
 ) -> Iterator[tuple[dict[str, Any], MixPosition]]:
     """Endless (sample, position after it) pairs drawn from several caches by weight, from `start`."""
     if len(cache_dirs) != len(weights) or not cache_dirs:
-        raise ValueError(f"{len(cache_dirs)} cache(s) but {len(weights)} weight(s)")
+        raise ConfigError(f"{len(cache_dirs)} cache(s) but {len(weights)} weight(s)")
     if any(not w > 0 for w in weights):
-        raise ValueError(f"cache weights must be > 0, got {list(weights)}")
+        raise ConfigError(f"cache weights must be > 0, got {list(weights)}")
     start = start or MixPosition(tuple(DataPosition() for _ in cache_dirs))
     if len(start.caches) != len(cache_dirs):
         raise ValueError(f"the data position holds {len(start.caches)} cache(s) but {len(cache_dirs)} were given")

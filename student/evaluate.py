@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diva.audio import AudioError
+from diva.errors import UserError
 from diva.manifests.record import Utterance
 from diva.manifests.store import read_manifest
 from diva.student.answer import utterance_audio
@@ -76,7 +77,7 @@ ANSWER_METRICS = ("identical", "first4", "first8", "answer_f1", "prefix_tokens",
 N_EXAMPLES = 3
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A row that cannot be scored, or a system that cannot run; the message says which and why."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diva.errors import UserError
 from diva.student.features import encoder_frames_for, log_mel
 from diva.student.model import DiVAStudent
 from diva.teacher_cache.prompt import (
@@ -258,7 +259,7 @@ def _check(student: DiVAStudent, do_sample: bool, temperature: float, top_p: flo
     if student.lm_head is None:
         raise ValueError("this student has no lm_head; load it with student.checkpoint.load_pretrained")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
-        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        raise UserError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
 
 
 @torch.no_grad()
@@ -288,7 +289,7 @@ def generate(
     `use_cache=False` recomputes the whole sequence at every step (for tests)."""
     _check(student, do_sample, temperature, top_p)
     if not audios:
-        raise ValueError("generate needs at least one clip")
+        raise UserError("generate needs at least one clip")
     start = time.perf_counter()
     prompt, prefix_ids, suffix_ids = prompt_ids(student, tokenizer, prompt_text, date_string)
     trim_mel = student.trim_mel if trim_mel is None else trim_mel

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from diva import __version__
-from diva.student.evaluate import COLUMNS, SYSTEMS, evaluate_answers, render_markdown
+from diva.student.evaluate import COLUMNS, SYSTEMS, EvalError, evaluate_answers, render_markdown
 from diva.student.stats import LEVEL, RESAMPLES, interval_verdict, paired_bootstrap
 
 REPORT_MD = "report.md"
@@ -81,7 +81,7 @@ def verdicts(report: dict[str, Any], resamples: int = RESAMPLES, seed: int = 0) 
     """Student vs floor, vs blind (every metric, from paired bootstrap intervals over the rows) and the share of
     the floor-to-cascade gap it closes (from the means)."""
     if "per_row" not in report:
-        raise ValueError(f"{report.get('manifest', 'this evaluation')}: no per-row scores (an evaluation from an "
+        raise EvalError(f"{report.get('manifest', 'this evaluation')}: no per-row scores (an evaluation from an "
                          "older diva), so no paired verdicts; score it again (diva report --force)")  # fmt: skip
     per_row, systems = report["per_row"], report["systems"]
     out: dict[str, Any] = {}

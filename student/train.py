@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diva.config import RuntimeConfig, TrainConfig, save_config
+from diva.config import ConfigError, RuntimeConfig, TrainConfig, save_config
 from diva.runtime import resolve_device, resolve_dtype
 from diva.student import distributed
 from diva.student.checkpoint import init_from_trained
@@ -565,7 +565,7 @@ def train(
     cache_dirs = [Path(cache_dir)] if isinstance(cache_dir, str | Path) else [Path(d) for d in cache_dir]
     weights = [1.0] * len(cache_dirs) if cache_weights is None else [float(w) for w in cache_weights]
     if not cache_dirs or len(weights) != len(cache_dirs) or any(not w > 0 for w in weights):
-        raise ValueError(f"need one weight > 0 per training cache: {len(cache_dirs)} cache(s), weights {weights}")
+        raise ConfigError(f"need one weight > 0 per training cache: {len(cache_dirs)} cache(s), weights {weights}")
     cache_dir, run_dir = cache_dirs[0], Path(run_dir)
     checkpoints = list_checkpoints(run_dir)
     if checkpoints and not resume:

@@ -14,6 +14,7 @@ import numpy as np
 
 from diva import __version__
 from diva.config import CacheConfig
+from diva.errors import UserError
 from diva.teacher_cache.plan import ShardPlan
 from diva.teacher_cache.prompt import PromptSpec
 from diva.teacher_cache.write import shard_is_complete, to_stored
@@ -26,7 +27,7 @@ SHARED_EMBEDDINGS = "embeddings.safetensors"
 FORMAT = "diva-teacher-cache/1"
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A cache folder that is unfinished, damaged, or does not match what it is used with."""
 
 
@@ -65,7 +66,7 @@ def fingerprint_of(
     """What a consumer (the trainer) must match: teacher weights, prompt ids and template, storage, data, and the
     answer settings (`stop_ids`: the teacher's end-of-turn ids, needed when cfg.answer_tokens > 0)."""
     if cfg.answer_tokens and not stop_ids:
-        raise ValueError("cache.answer_tokens > 0 needs the teacher's stop ids")
+        raise CacheError("cache.answer_tokens > 0 needs the teacher's stop ids")
     return {
         "format": FORMAT,
         "teacher_weights_sha256": weights_checksum(teacher_dir),

@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from diva.errors import UserError
+
 PLACEHOLDER = "<<DIVA_TRANSCRIPT_PLACEHOLDER>>"
 _PROBE_DATES = ("01 Jan 2001", "31 Dec 2030")
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A chat template that cannot be split into a prefix and a suffix, or renders differently by date."""
 
 
@@ -124,5 +126,5 @@ def eos_token_ids(llm_dir: str | Path, tokenizer: Any | None = None) -> list[int
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     if not ids:
-        raise ValueError(f"{llm_dir}: no eos id in generation_config.json or the tokenizer; pass eos_ids")
+        raise PromptError(f"{llm_dir}: no eos id in generation_config.json or the tokenizer; pass eos_ids")
     return ids

@@ -16,6 +16,7 @@ import os
 import struct
 from pathlib import Path
 
+from diva.errors import UserError
 from diva.paths import diva_home
 
 BLOCK_BYTES = 1 << 16
@@ -28,7 +29,7 @@ ALGORITHMS = {
 ALGORITHM = ALGORITHMS["v2"]
 
 
-class ChecksumError(ValueError):
+class ChecksumError(UserError):
     """A model folder without safetensors weights, or a damaged safetensors file."""
 
 

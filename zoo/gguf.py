@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from diva.errors import UserError
 from diva.zoo.staging import staged_folder
 
 GGUF_MAGIC = b"GGUF"
@@ -37,7 +38,7 @@ SUPPORTED_ARCHITECTURES: dict[str, type[PreTrainedModel]] = {"llama": LlamaForCa
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
 
 
-class GGUFConversionError(ValueError):
+class GGUFConversionError(UserError):
     """A GGUF file cannot be converted; the message names the file and what is wrong."""
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
+from diva.errors import UserError
 from diva.zoo.staging import staged_folder
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ _GELU = 3  # ctranslate2 Activation enum: RELU, GELUTanh, SWISH, GELU, ...
 _TIMESTAMP_STEP_S = 0.02
 
 
-class CT2FormatError(ValueError):
+class CT2FormatError(UserError):
     """A CTranslate2 model file is malformed or is not what the converter expects."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from diva.manifests.record import Candidate, Reason, Reject
+from diva.manifests.store import ManifestError
 
 Row = Candidate | Reject
 
@@ -78,7 +79,7 @@ def unparseable(where: str, detail: str) -> Reject:
 def require_columns(path: Path, header: dict, columns: list[str]) -> None:
     missing = [c for c in columns if c not in header]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; columns are {', '.join(header)}")
+        raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; columns are {', '.join(header)}")
 
 
 def open_text(path: Path) -> TextIO:

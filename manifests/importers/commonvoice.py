@@ -8,6 +8,7 @@ from pathlib import Path
 
 from diva.manifests.importers.base import ImportOptions, Row, read_tsv, unparseable
 from diva.manifests.record import Candidate
+from diva.manifests.store import ManifestError
 
 SPLITS = ("train", "dev", "test", "validated", "invalidated", "other")
 # Columns that become first-class fields; every other column is kept in `extras`.
@@ -46,7 +47,7 @@ def read_commonvoice(source: Path, options: ImportOptions) -> Iterator[Row]:
         if not header_checked:
             missing = [c for c in ("path", "sentence") if c not in row]
             if missing:
-                raise ValueError(f"{tsv}: missing column(s) {', '.join(missing)}; is this a Common Voice TSV?")
+                raise ManifestError(f"{tsv}: missing column(s) {', '.join(missing)}; is this a Common Voice TSV?")
             header_checked = True
         clip = row["path"]
         yield Candidate(

@@ -25,6 +25,7 @@ from diva.manifests.importers.base import (
     unparseable,
 )
 from diva.manifests.record import Candidate
+from diva.manifests.store import ManifestError
 
 AUDIO_SUFFIXES = {
     ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".au", ".caf", ".w64", ".sph", ".raw",
@@ -67,13 +68,13 @@ def write_once(path: Path, data: bytes) -> None:
 def _choose_split(splits: list[str], wanted: str | None, source: Path) -> str:
     if wanted is not None:
         if wanted not in splits:
-            raise ValueError(f"{source}: no split '{wanted}'; the splits are: {', '.join(splits)}")
+            raise ManifestError(f"{source}: no split '{wanted}'; the splits are: {', '.join(splits)}")
         return wanted
     if len(splits) == 1:
         return splits[0]
     if "train" in splits:
         return "train"
-    raise ValueError(f"{source}: several splits ({', '.join(splits)}); pick one with --split")
+    raise ManifestError(f"{source}: several splits ({', '.join(splits)}); pick one with --split")
 
 
 def open_dataset(source: Path, split: str | None) -> tuple[Any, str | None]:
@@ -110,12 +111,12 @@ def _undecoded(ds: Any, source: Path, options: ImportOptions) -> tuple[Any, str]
     wanted = [options.text_column, options.id_column, options.speaker_column]
     missing = [c for c in wanted if c and c not in columns]
     if missing:
-        raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; columns are {', '.join(columns)}")
+        raise ManifestError(f"{source}: missing column(s) {', '.join(missing)}; columns are {', '.join(columns)}")
     if options.audio_column in columns:
         return ds.cast_column(options.audio_column, Audio(decode=False)), options.audio_column
     if options.path_column in columns:
         return ds, options.path_column
-    raise ValueError(
+    raise ManifestError(
         f"{source}: no audio column '{options.audio_column}' nor path column '{options.path_column}'; "
         f"columns are {', '.join(columns)} (use --audio-column or --path-column)"
     )

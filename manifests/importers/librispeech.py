@@ -9,6 +9,7 @@ from pathlib import Path
 
 from diva.manifests.importers.base import ImportOptions, Row, unparseable
 from diva.manifests.record import Candidate
+from diva.manifests.store import ManifestError
 
 TRANS_GLOB = "*/*/*.trans.txt"  # speaker/chapter/speaker-chapter.trans.txt, below a subset
 
@@ -16,7 +17,7 @@ TRANS_GLOB = "*/*/*.trans.txt"  # speaker/chapter/speaker-chapter.trans.txt, bel
 def find_subsets(source: Path) -> list[Path]:
     """The subset folders of SOURCE: SOURCE itself when it is one, else its children that are."""
     if not source.is_dir():
-        raise ValueError(f"{source} is not a folder; for librispeech, SOURCE is a subset or the folder above")
+        raise ManifestError(f"{source} is not a folder; for librispeech, SOURCE is a subset or the folder above")
     if next(source.glob(TRANS_GLOB), None) is not None:
         return [source]
     subsets = sorted(p for p in source.iterdir() if p.is_dir() and next(p.glob(TRANS_GLOB), None) is not None)

@@ -20,6 +20,7 @@ from diva.manifests.importers.base import (
     unparseable,
 )
 from diva.manifests.record import Candidate
+from diva.manifests.store import ManifestError
 
 AUDIO_KEY = "audio_filepath"
 
@@ -67,6 +68,6 @@ def nemo_candidate(where: str, row: dict[str, Any], base: Path, options: ImportO
 def read_nemo(source: Path, options: ImportOptions) -> Iterator[Row]:
     """Candidates of a NeMo manifest file, in line order."""
     if not source.is_file():
-        raise ValueError(f"{source} is not a file; for nemo, SOURCE is the manifest (.json/.jsonl, maybe .gz)")
+        raise ManifestError(f"{source} is not a file; for nemo, SOURCE is the manifest (.json/.jsonl, maybe .gz)")
     for where, row in read_jsonl(source):
         yield unparseable(where, row) if isinstance(row, str) else nemo_candidate(where, row, source.parent, options)

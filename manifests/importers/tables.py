@@ -23,13 +23,14 @@ from diva.manifests.importers.base import (
     unparseable,
 )
 from diva.manifests.record import Candidate
+from diva.manifests.store import ManifestError
 
 LANGUAGE_COLUMN = "language"
 
 
 def _table_file(source: Path) -> Path:
     if not source.is_file():
-        raise ValueError(f"{source} is not a file; for tsv/csv/jsonl, SOURCE is the table file itself")
+        raise ManifestError(f"{source} is not a file; for tsv/csv/jsonl, SOURCE is the table file itself")
     return source
 
 

@@ -9,6 +9,8 @@ from typing import Protocol
 
 import numpy as np
 
+from diva.config import ConfigError
+
 
 class TeacherBackend(Protocol):
     """What the cache build needs from a teacher."""
@@ -43,4 +45,4 @@ def open_backend(name: str, model_dir: Path, dtype: str = "float32", batch_size:
         from diva.teacher_cache.backends.vllm import VLLMTeacher
 
         return VLLMTeacher(model_dir, dtype=dtype, **kwargs)
-    raise ValueError(f"unknown teacher backend '{name}'; choose hf, vllm or naive")
+    raise ConfigError(f"unknown teacher backend '{name}'; choose hf, vllm or naive")

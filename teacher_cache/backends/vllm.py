@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diva.config import ConfigError
 from diva.runtime import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,12 @@ def _platform_device(device: str) -> torch.device:
         return platform
     wanted = torch.device(device)
     if wanted.type != platform.type:
-        raise ValueError(
+        raise ConfigError(
             f"runtime.device '{device}' was asked for, but the installed vLLM build runs on {platform.type}; "
             f"use runtime.device=auto or {platform.type}, or the hf backend"
         )
     if wanted.index not in (None, 0):
-        raise ValueError(
+        raise ConfigError(
             f"the vllm backend runs on the first visible {platform.type} device; to use '{device}', "
             f"set CUDA_VISIBLE_DEVICES={wanted.index} and runtime.device={platform.type}"
         )
@@ -196,7 +197,7 @@ class VLLMTeacher:
             if not ids:
                 raise ValueError(f"empty token sequence at batch position {i}")
             if len(ids) + extra > self.max_model_len:
-                raise ValueError(
+                raise ConfigError(
                     f"{what} {i} needs {len(ids) + extra} positions, more than the vllm backend's max_model_len "
                     f"{self.max_model_len}"
                 )
