@@ -9,6 +9,7 @@ everywhere.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -31,9 +32,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def isa_capped_below_bf16() -> bool:
+    """True when the environment holds torch's or oneDNN's kernels below native bf16 (ATEN_CPU_CAPABILITY=avx2 or
+    default; ONEDNN_MAX_CPU_ISA=AVX2, SSE41, AVX512_CORE, ... any ISA without BF16 or AMX): bf16 then runs on
+    emulated paths, ~80x slower than float32."""
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    onednn_capped = onednn not in ("", "ALL", "DEFAULT") and not any(tag in onednn for tag in ("BF16", "AMX"))
+    return aten in ("avx2", "default") or onednn_capped
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    """True when the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16) and the environment does not hold
+    the math libraries to an older instruction set (`isa_capped_below_bf16`)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and not isa_capped_below_bf16()
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
