@@ -294,6 +294,13 @@ class TrainConfig:
     reuse_encoder_outputs: bool = doc(
         "Encode each utterance once and keep the frozen encoder's output in memory for later epochs.", default=False
     )
+    encoder_memory_gb: float = doc(
+        "Host memory (GiB) for kept frozen-encoder outputs, each of the training reuse (reuse_encoder_outputs) and "
+        "the held-out evaluation (always reuses): every utterance counted at 30 s (whisper-large-v3 in bf16: "
+        "3.75 MiB, so 8 GiB keeps ~2,200; Whisper tiny in float32: 2.2 MiB). The first utterances that fit are "
+        "kept, later ones are encoded again when they come back.",
+        default=8.0,
+    )
     num_workers: int = doc(
         "DataLoader worker processes that read the shards, decode and resample the audio and compute the log-mel "
         "(0: all in the training process). The data order does not depend on it (each worker featurises every "
@@ -334,6 +341,8 @@ class TrainConfig:
         for name in ("eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.encoder_memory_gb >= 0:
+            raise ConfigError(f"train.encoder_memory_gb must be >= 0, got {self.encoder_memory_gb}")
         if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("train.lr and train.eps must be > 0, weight_decay and grad_clip >= 0")
         if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_ratio <= 1:

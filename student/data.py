@@ -340,16 +340,31 @@ def featurise(samples: list[dict[str, Any]], feature_extractor: Any, trim: bool,
     return Prepared(kept, fresh, features, frames, truncated)
 
 
+def encoder_rows_within(budget_gb: float, student: DiVAStudent, feature_extractor: Any) -> int:
+    """How many utterances' encoder outputs fit in `budget_gb` GiB of host memory, each counted at its largest
+    (30 s: 1,500 frames x d_whisper x the encoder's element size; whisper-large-v3 in bf16: 3.75 MiB, so 8 GiB
+    keeps ~2,200 utterances; Whisper tiny in float32: 2.2 MiB)."""
+    frames = feature_extractor.nb_max_frames // 2  # the encoder halves the 3,000 mel frames
+    weight = student.encoder.conv1.weight
+    row_bytes = frames * int(weight.shape[0]) * weight.element_size()  # conv1's out channels = d_whisper
+    return int(budget_gb * 2**30 // row_bytes)
+
+
 class EncoderOutputs:
     """Frozen-encoder outputs per utterance; with `reuse`, each utterance is encoded once and kept in memory.
 
     The encoder is frozen, so its output for an utterance never changes (METHOD.md section 4: caching it is
-    the biggest CPU saving). Kept on the CPU as (T_b, d_w) tensors keyed by utterance id. A batch's fresh rows
-    (`fresh_rows`: those not yet stored, all of them without reuse) are featurised and encoded together.
+    the biggest CPU saving). Kept on the CPU as (T_b, d_w) tensors keyed by utterance id, at most `capacity`
+    of them (None: no bound): the first `capacity` distinct utterances met are kept, later ones are encoded
+    again each time they come (`TrainBatches` mirrors the same rule in its workers). A batch's fresh rows
+    (`fresh_rows`: those not stored, all of them without reuse) are featurised and encoded together.
     """
 
-    def __init__(self, student: DiVAStudent, feature_extractor: Any, trim: bool, reuse: bool) -> None:
+    def __init__(
+        self, student: DiVAStudent, feature_extractor: Any, trim: bool, reuse: bool, capacity: int | None = None
+    ) -> None:
         self.student, self.feature_extractor, self.trim, self.reuse = student, feature_extractor, trim, reuse
+        self.capacity = capacity
         self.store: dict[str, torch.Tensor] = {}
 
     def fresh_rows(self, samples: list[dict[str, Any]]) -> list[int]:
@@ -368,9 +383,13 @@ class EncoderOutputs:
         if not self.reuse:
             assert len(encoded) == len(prepared.samples), "without reuse every row is fresh"
             return encoded
+        now = {}
         for row, out in zip(prepared.fresh, encoded, strict=True):
-            self.store[prepared.samples[row]["id"]] = out.detach().cpu().clone()  # not a view of the batch
-        return [self.store[s["id"]] for s in prepared.samples]
+            key = prepared.samples[row]["id"]
+            now[key] = out
+            if key not in self.store and (self.capacity is None or len(self.store) < self.capacity):
+                self.store[key] = out.detach().cpu().clone()  # not a view of the batch
+        return [self.store[s["id"]] if s["id"] in self.store else now[s["id"]] for s in prepared.samples]
 
     def prepare(self, samples: list[dict[str, Any]]) -> Prepared:
         """Decoded cache samples featurised here in the calling process (their fresh rows)."""
@@ -490,8 +509,8 @@ class TrainBatches(torch.utils.data.IterableDataset):
     worker in turn, so the main process receives exactly the stream's order, whatever the worker count.
 
     With encoder-output reuse, a row is fresh (featurised) only the first time its id appears in the stream
-    since `start`: the main process's store starts empty at `start` too and fills in the same order, so the
-    workers know which rows it lacks without seeing it, and no audio is decoded twice.
+    since `start`: the main process's store starts empty at `start` too and fills in the same order (its first
+    `capacity` ids), so the workers know which rows it lacks without seeing it, and no kept row is decoded twice.
     """
 
     def __init__(
@@ -507,9 +526,10 @@ class TrainBatches(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         window: int = 1,
+        capacity: int | None = None,
     ) -> None:
         super().__init__()
-        self.window = window
+        self.window, self.capacity = window, capacity
         self.cache_dirs, self.weights, self.seed, self.start = [Path(d) for d in cache_dirs], list(weights), seed, start
         self.batch_size, self.feature_extractor, self.trim, self.reuse = batch_size, feature_extractor, trim, reuse
         self.rank, self.world_size = rank, world_size
@@ -519,11 +539,13 @@ class TrainBatches(torch.utils.data.IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         mixed = mixed_stream(self.cache_dirs, self.weights, self.seed, self.start, self.window)
         stream = batched(rank_stream(mixed, self.rank, self.world_size), self.batch_size)
-        seen: set[str] = set()
+        seen: set[str] = set()  # the ids the main process's store holds (EncoderOutputs: the first `capacity`)
         for k, (group, position) in enumerate(stream):
             fresh = [i for i, s in enumerate(group) if not self.reuse or s["id"] not in seen]
             if self.reuse:
-                seen.update(s["id"] for s in group)
+                for i in fresh:  # in the order EncoderOutputs.outputs stores them
+                    if self.capacity is None or len(seen) < self.capacity:
+                        seen.add(group[i]["id"])
             if k % workers == worker:
                 yield featurise(group, self.feature_extractor, self.trim, fresh), position
 

@@ -84,6 +84,7 @@ from diva.student.data import (
     OnlineTeacher,
     TrainBatches,
     TrainLoader,
+    encoder_rows_within,
     epoch_samples,
     make_batch,
     mixed_mean_h_t,
@@ -633,14 +634,15 @@ def train(
 
         feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir)
         reuse = train_cfg.reuse_encoder_outputs
-        encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, reuse)
+        capacity = encoder_rows_within(train_cfg.encoder_memory_gb, student, feature_extractor)
+        encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, reuse, capacity)
         teacher = None
         if train_cfg.teacher == "online":
             answers = AnswerSpec.from_fingerprint(index["fingerprint"]) if student_cfg.answer_weight > 0 else None
             teacher = open_online_teacher(Path(llm_dir), prompt, runtime, device, answers)
         source = TrainBatches(cache_dirs, weights, train_cfg.seed, position, train_cfg.batch_size, feature_extractor,
                               student_cfg.trim_mel, reuse, layout.rank, layout.world_size,
-                              train_cfg.shuffle_shards)  # fmt: skip
+                              train_cfg.shuffle_shards, capacity)  # fmt: skip
         loader = TrainLoader(source, train_cfg.num_workers)  # decode + log-mel, in workers when num_workers > 0
         consumed_ids: list[str] = []  # kept for the DIVA_DEBUG_RANK_DIR test hook only
         batches = ((make_batch(prepared, encoder, teacher), pos) for prepared, pos in loader)
@@ -651,7 +653,7 @@ def train(
         # rank 0 evaluates while the others wait at the all-reduce; under FSDP every rank joins the forward's gathers
         if eval_cache_dir is not None and (layout.is_main or train_cfg.fsdp):
             lm_head = student.lm_head if student.lm_head is not None else load_lm_head(Path(llm_dir), dtype, device)
-            eval_encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, True)
+            eval_encoder = EncoderOutputs(student, feature_extractor, student_cfg.trim_mel, True, capacity)
             held_out = HeldOut(Path(eval_cache_dir), eval_encoder, lm_head, mixed_mean_h_t(cache_dirs, weights),
                                train_cfg.batch_size, train_cfg.eval_batches)  # fmt: skip
 

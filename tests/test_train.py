@@ -517,13 +517,16 @@ def test_online_teacher_matches_the_cache(caches, tiny_whisper, tiny_llama, tmp_
 # --- DataLoader workers -----------------------------------------------------------------------------------------
 
 
-def _prepared_batches(cache: Path, whisper: Path, workers: int, reuse: bool, count: int) -> list:
+def _prepared_batches(
+    cache: Path, whisper: Path, workers: int, reuse: bool, count: int, capacity: int | None = None
+) -> list:
     from transformers import WhisperFeatureExtractor
 
     from diva.student.data import TrainBatches, TrainLoader
 
     start = MixPosition((DataPosition(0, 5),))  # mid-epoch, as a resumed run starts
-    source = TrainBatches([cache], [1.0], 3, start, 3, WhisperFeatureExtractor.from_pretrained(whisper), True, reuse)
+    source = TrainBatches([cache], [1.0], 3, start, 3, WhisperFeatureExtractor.from_pretrained(whisper), True, reuse,
+                          capacity=capacity)  # fmt: skip
     loader = TrainLoader(source, workers)
     try:
         return list(islice(loader, count))
@@ -545,6 +548,35 @@ def test_workers_yield_the_in_process_batches(caches, tiny_whisper, reuse: bool)
             assert torch.equal(a.features, b.features) and torch.equal(a.frames, b.frames)
     fresh = sum(len(a.fresh) for a, _ in inline)
     assert fresh == (20 if reuse else 36)  # reuse: each of the 20 utterances featurised once
+
+
+def test_a_bounded_encoder_store_keeps_the_first_utterances_and_encodes_the_rest_again(
+    caches, tiny_whisper, tiny_llama
+) -> None:
+    """train.encoder_memory_gb: with room for 7 utterances, the store keeps the first 7 met; the workers featurise
+    exactly the others again (12 batches of 3 over 20 utterances: 20 + 16 - 7 = 29 fresh rows, not 20), and every
+    batch's encoder outputs equal those of an encoder that keeps nothing."""
+    from transformers import WhisperFeatureExtractor
+
+    from diva.student.data import EncoderOutputs, encoder_rows_within
+    from diva.student.model import DiVAStudent
+    from diva.teacher_cache.index import read_index
+    from diva.teacher_cache.prompt import PromptSpec
+
+    bounded = _prepared_batches(caches["train"], tiny_whisper, 2, True, 12, capacity=7)
+    assert sum(len(p.fresh) for p, _ in bounded) == 29
+    prompt = PromptSpec.from_json(read_index(caches["train"])["prompt"])
+    student = DiVAStudent.from_pretrained_parts(tiny_whisper, tiny_llama, prompt, STUDENT).eval()
+    fe = WhisperFeatureExtractor.from_pretrained(tiny_whisper)
+    store, plain = EncoderOutputs(student, fe, True, True, capacity=7), EncoderOutputs(student, fe, True, False)
+    unbounded = _prepared_batches(caches["train"], tiny_whisper, 0, False, 12)
+    with torch.no_grad():
+        for (kept, _), (every, _) in zip(bounded, unbounded, strict=True):
+            for a, b in zip(store.outputs(kept), plain.outputs(every), strict=True):
+                assert torch.allclose(a, b, atol=1e-5)
+    assert len(store.store) == 7
+    # 30 s of Whisper's d_model in float32 per utterance: the tiny Whisper (d 64) keeps 1 GiB / (1500 x 64 x 4 B)
+    assert encoder_rows_within(1.0, student, fe) == 2**30 // (1500 * 64 * 4)
 
 
 def test_workers_train_and_resume_like_in_process(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
