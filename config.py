@@ -81,8 +81,9 @@ class CacheConfig:
         "Dtype of the stored tensors (h_T, embeddings); bfloat16 is stored as raw 16-bit words.", default="float16"
     )
     embeddings: Literal["per_row", "shared"] = doc(
-        "per_row: store each transcript's input embeddings E(t) (N x d) with the row; shared: store token ids only "
-        "plus one embeddings.safetensors table (E(t) dominates the cache at paper scale).",
+        "per_row: store each transcript's input embeddings E(t) (N x d) with the row; shared: store token ids only, "
+        "E(t) is looked up in the student's own LLM table when it trains (the trainer accepts only caches of its "
+        "own LLM, by weight checksum, so the table is the teacher's; E(t) dominates the cache at paper scale).",
         default="per_row",
     )
     shard_size: int = doc("Utterances per shard (1-5k for real runs).", default=2000)

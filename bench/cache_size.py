@@ -67,17 +67,14 @@ def main() -> None:
         if "answer_ids" in parquet.schema_arrow.names:
             answer_tokens += int(parquet.read(columns=["answer_ids"])["answer_ids"].combine_chunks().value_lengths()
                                  .to_numpy().sum())  # fmt: skip
-    shared = args.cache / "embeddings.safetensors"
-    shared_bytes = shared.stat().st_size if shared.is_file() else 0
     minimum = tokens * 4 + rows * d * item + (tokens * d * item if fp["embeddings"] == "per_row" else 0)
-    minimum += shared_bytes  # a shared table is part of the minimum too (the trainer needs it)
     targets = fp.get("answer_targets")
     per_answer_token = 4 + {"hidden": d * item, "ids": 0}.get(
         targets or "ids", fp.get("answer_topk", 0) * (4 + np.dtype(logprob_dtype(dtype)).itemsize)
     )
     answer_minimum = answer_tokens * per_answer_token
     minimum += answer_minimum
-    total = sum(disk.values()) + shared_bytes + (args.cache / "index.json").stat().st_size
+    total = sum(disk.values()) + (args.cache / "index.json").stat().st_size
     without_audio = total - inside["audio"]
     per = lambda x: round(x / rows)  # noqa: E731
     report = {
@@ -94,7 +91,6 @@ def main() -> None:
             "parquet": per(disk["parquet"]),
             "tar": per(disk["tar"]),
             "shard_json": per(disk["json"]),
-            "shared_embeddings": per(shared_bytes),
             "tar_audio_members": per(inside["audio"]),
             "tar_tensor_members": per(inside["tensors"]),
             "tar_answer_members": per(inside["answers"]),

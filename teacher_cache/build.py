@@ -34,7 +34,6 @@ from diva.teacher_cache.index import (
     fingerprint_of,
     read_index,
     write_index,
-    write_shared_embeddings,
 )
 from diva.teacher_cache.plan import ShardPlan, count_rows, iter_shards, manifest_sha256
 from diva.teacher_cache.prompt import PromptSpec, build_prompt, eos_token_ids, teacher_input_ids
@@ -217,8 +216,6 @@ def build_cache(
     )
     shard_dir = out_dir / SHARDS
     shard_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.embeddings == "shared":
-        write_shared_embeddings(out_dir, table, cfg.dtype)
 
     mine = plan.shards_of(worker, workers)
     todo = {k for k in mine if shard_is_complete(shard_dir, k) is None}

@@ -17,13 +17,12 @@ from diva.config import CacheConfig
 from diva.errors import UserError
 from diva.teacher_cache.plan import ShardPlan
 from diva.teacher_cache.prompt import PromptSpec
-from diva.teacher_cache.write import shard_is_complete, to_stored
+from diva.teacher_cache.write import shard_is_complete
 from diva.zoo.checksum import weight_files, weights_checksum
 
 INDEX_FILE = "index.json"
 PLAN_FILE = "plan.json"
 SHARDS = "shards"
-SHARED_EMBEDDINGS = "embeddings.safetensors"
 FORMAT = "diva-teacher-cache/1"
 
 
@@ -82,18 +81,6 @@ def fingerprint_of(
         "code_version": __version__,
         **answer_fingerprint(cfg, stop_ids or []),
     }
-
-
-def write_shared_embeddings(out_dir: Path, table: np.ndarray, dtype: str) -> None:
-    """The whole embedding table once (ids-only caches look E(t) up here), in the stored dtype."""
-    from safetensors.numpy import save_file
-
-    path = out_dir / SHARED_EMBEDDINGS
-    if path.is_file():
-        return
-    tmp = out_dir / f".{SHARED_EMBEDDINGS}.tmp{os.getpid()}"
-    save_file({"embeddings": to_stored(table, dtype)}, str(tmp), metadata={"dtype": dtype})
-    os.replace(tmp, path)
 
 
 def write_index(out_dir: Path, fingerprint: dict, plan: ShardPlan, provenance: dict, prompt: PromptSpec) -> dict:
