@@ -1,21 +1,20 @@
 """Data-parallel training under torchrun: the process group, gradient averaging and metric reduction.
 
     torchrun sets RANK / WORLD_SIZE / LOCAL_RANK --> `setup()` joins the group (gloo on CPU, nccl on CUDA)
-    start:            trainable parameters broadcast from rank 0 (the frozen ones are loaded, never change)
-    every micro-batch: each rank's own samples (`data.rank_stream`) -> forward -> backward (local grads)
-    every step:       `average_gradients` (one all-reduce of the flattened trainable grads, / world size)
-                      -> clip -> AdamW: the same grads and the same update on every rank, so weights stay equal
-
-Why a manual all-reduce and not DistributedDataParallel: only the adapter and projection train; the frozen
-encoder and LLM need no sync, some trainable tensors get no gradient on a step (DDP would need
-find_unused_parameters), and with grad_accum the all-reduce happens once per step anyway. DDP's overlap of
-communication with backward is the one thing given up (small students: negligible).
+    start:            `replicate` wraps the student in torch's DistributedDataParallel, the frozen encoder and
+                      LLM registered as parameters to ignore: DDP broadcasts rank 0's TRAINABLE parameters and
+                      averages only their gradients (the frozen ones are loaded on every rank and never change)
+    every micro-batch: each rank's own samples (`data.rank_stream`) -> forward through the DDP wrapper ->
+                      backward; DDP all-reduces the gradients in buckets while the backward runs (overlapping
+                      communication with compute), and skips that under `no_sync()` for all but the last
+                      micro-batch of a step (grad_accum)
+    every step:       clip -> AdamW: the same averaged grads and the same update on every rank, so weights stay equal
 
 FSDP (train.fsdp, for large students): `shard_trainable` applies torch's FSDP2 `fully_shard` to the TRAINABLE
 parts only: each Q-Former decoder layer, then the adapter (queries, positions, final norm, or the MLP), then the
 projection. Their parameters, gradients and AdamW state become DTensors sharded over the ranks (dim 0); the
 frozen encoder and LLM stay whole on every rank. FSDP all-gathers a unit's parameters for its forward and
-backward and reduce-scatters (averages) its gradients, so `average_gradients` is skipped; the clip uses the
+backward and reduce-scatters (averages) its gradients, so no DDP wrapper is used; the clip uses the
 DTensor-aware `clip_grad_norm_` (the norm is global). Checkpoints hold gathered tensors (`full_tensor`,
 a collective every rank joins; rank 0 writes), in the same layout as a run without FSDP, so either kind of run
 resumes the other's checkpoint (`shard_like` scatters them back). Works on CUDA/nccl and on the CPU with gloo
@@ -93,24 +92,23 @@ def broadcast_trainable(module: nn.Module, layout: Dist) -> None:
             dist.broadcast(p.data, src=0)
 
 
-@torch.no_grad()
-def average_gradients(module: nn.Module, layout: Dist) -> None:
-    """Replace each rank's trainable gradients by their mean over the ranks (one all-reduce of a flat buffer).
+def replicate(student: nn.Module, layout: Dist, device: torch.device) -> nn.Module:
+    """torch DistributedDataParallel over the student's trainable parameters (module doc); the frozen ones are
+    ignored (no broadcast at the start, no gradient buckets). The forward goes through the returned wrapper, every
+    other use (state dicts, evaluation, generation) through the student itself, whose parameters DDP shares."""
+    from torch.nn.parallel import DistributedDataParallel
 
-    A parameter with no gradient on this rank counts as zeros, so every rank sends the same layout."""
     if not layout.enabled:
-        return
-    params = trainable(module)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])  # (n_trainable,)
-    dist.all_reduce(flat)
-    flat /= layout.world_size
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
+        raise ValueError("replicate wraps the student for a torchrun job of two or more processes")
+    frozen = [name for name, p in student.named_parameters() if not p.requires_grad]
+    frozen += [name for name, _ in student.named_buffers()]  # equal on every rank by construction
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(student, frozen)
+    return DistributedDataParallel(
+        student,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+        find_unused_parameters=False,  # every trainable tensor (queries, decoder layers, projection) gets a gradient
+    )
 
 
 def reduce_metrics(

@@ -38,9 +38,10 @@ and held-out evaluation still reads h_T from the eval cache.
 
 `train.fsdp` (under torchrun) shards the trainable parts, their gradients and AdamW state over the ranks with
 FSDP2 `fully_shard` (`distributed.shard_trainable`; the frozen encoder and LLM stay whole on every rank): FSDP
-averages the gradients itself, so the manual all-reduce is skipped, and the clip is DTensor-aware. Checkpoints
-hold the gathered weights and optimizer state (every rank joins the gathers, rank 0 writes), laid out as without
-FSDP, so a run with FSDP resumes a checkpoint of a run without it (tested) and the other way round (the same
+averages the gradients itself (no DDP wrapper then), and the clip is DTensor-aware. Without it a multi-process
+run wraps the student in torch's DistributedDataParallel over the trainable parameters (`distributed.replicate`).
+Checkpoints hold the gathered weights and optimizer state (every rank joins the gathers, rank 0 writes), laid out
+as without FSDP, so a run with FSDP resumes a checkpoint of a run without it (tested) and the other way round (the same
 files; the world size must still match), and a student without FSDP loads its weights (tested). Under FSDP every
 rank runs the held-out evaluation (the forward's gathers need them all); rank 0 logs it. Tested on the CPU with
 gloo (two processes); not yet run on CUDA/nccl here.
@@ -56,6 +57,7 @@ Seams left for later: a manifest reader for online mode.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -317,11 +319,14 @@ def train_step(
     layout: Dist = SINGLE,
     xopd: XOPDTerm | None = None,
     step: int = 0,
+    forward: nn.Module | None = None,
 ) -> tuple[dict[str, Any], MixPosition]:
     """grad_accum micro-batches, gradients averaged over the ranks, clipping, one AdamW step; returns the step's
     metrics (losses: means over the ranks; align counts: sums) and the data position (the same on every rank).
     `xopd` adds student.xopd_weight x the X-OPD term (rollouts and the live teacher: `student.xopd`). `step` (0-based)
-    below student.align_warmup_steps trains the alignment alone."""
+    below student.align_warmup_steps trains the alignment alone. `forward`: the module the forward goes through (the
+    DDP wrapper of a multi-process run, which averages the gradients during the last micro-batch's backward; None:
+    the student itself)."""
     if step < student_cfg.align_warmup_steps:
         student_cfg = dataclasses.replace(student_cfg, distill_weight=0.0, kl_weight=0.0, answer_weight=0.0,
                                           xopd_weight=0.0)  # fmt: skip
@@ -330,31 +335,12 @@ def train_step(
     sums: dict[str, float] = {"loss": 0.0}
     counts = {"align_skipped": 0, "align_truncated": 0, "align_empty": 0, "audio_truncated": 0}
     lr = schedule.get_last_lr()[0]
-    for _ in range(cfg.grad_accum):
-        batch, position = next(batches)
-        counts["audio_truncated"] += batch.audio_truncated
-        answer_ids = batch.answers.ids if student_cfg.answer_weight > 0 and batch.answers is not None else None
-        out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths, answer_ids=answer_ids)
-        ids = table = None
-        if student_cfg.align_weight > 0 and student_cfg.align_loss != "l2":  # the ce alignment's targets, classifier
-            ids = [torch.tensor(t, dtype=torch.long) for t in batch.text_ids]
-            table = student.llm.get_input_embeddings().weight  # (vocab, d_llm) frozen
-        loss = combined_loss(out, batch.h_t, batch.targets, student_cfg, student.lm_head, batch.answers, ids, table)
-        if xopd is not None:
-            loss.parts["xopd"], stats = xopd(student, out.audio_tokens, batch.text_ids, student_cfg)
-            loss.total = loss.total + student_cfg.xopd_weight * loss.parts["xopd"]
-            for name, value in stats.items():
-                sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum
-        (loss.total / cfg.grad_accum).backward()
-        sums["loss"] += float(loss.total.detach()) / cfg.grad_accum
-        for name, part in loss.parts.items():
-            sums[name] = sums.get(name, 0.0) + float(part.detach()) / cfg.grad_accum
-        if loss.align_stats is not None:
-            counts["align_skipped"] += loss.align_stats.skipped
-            counts["align_truncated"] += loss.align_stats.truncated
-            counts["align_empty"] += loss.align_stats.empty
-    if not cfg.fsdp:  # FSDP has reduce-scattered (averaged) the gradients in the backward
-        distributed.average_gradients(student, layout)
+    model = student if forward is None else forward
+    for micro in range(cfg.grad_accum):
+        last = micro == cfg.grad_accum - 1
+        sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync:  # DDP: gradients all-reduced once, in the step's last backward
+            position = _micro_step(student, model, batches, student_cfg, cfg, xopd, sums, counts)
     params = [p for p in student.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = distributed.clip_grad_norm(params, max_norm)  # of the averaged grads: equal on all ranks
@@ -363,6 +349,43 @@ def train_step(
     device = student.prefix_ids.device
     reduced = distributed.reduce_metrics({**sums, **counts}, layout, device, sums=tuple(counts))
     return {**reduced, "lr": lr, "grad_norm": grad_norm}, position
+
+
+def _micro_step(
+    student: DiVAStudent,
+    model: nn.Module,
+    batches: Iterator[tuple[Batch, MixPosition]],
+    student_cfg: StudentConfig,
+    cfg: TrainConfig,
+    xopd: XOPDTerm | None,
+    sums: dict[str, float],
+    counts: dict[str, int],
+) -> MixPosition:
+    """One micro-batch: forward through `model`, the losses, backward (scaled by 1 / grad_accum); adds its metrics
+    to `sums` and `counts` and returns the data position after it."""
+    batch, position = next(batches)
+    counts["audio_truncated"] += batch.audio_truncated
+    answer_ids = batch.answers.ids if student_cfg.answer_weight > 0 and batch.answers is not None else None
+    out = model(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths, answer_ids=answer_ids)
+    ids = table = None
+    if student_cfg.align_weight > 0 and student_cfg.align_loss != "l2":  # the ce alignment's targets, classifier
+        ids = [torch.tensor(t, dtype=torch.long) for t in batch.text_ids]
+        table = student.llm.get_input_embeddings().weight  # (vocab, d_llm) frozen
+    loss = combined_loss(out, batch.h_t, batch.targets, student_cfg, student.lm_head, batch.answers, ids, table)
+    if xopd is not None:
+        loss.parts["xopd"], stats = xopd(student, out.audio_tokens, batch.text_ids, student_cfg)
+        loss.total = loss.total + student_cfg.xopd_weight * loss.parts["xopd"]
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum
+    (loss.total / cfg.grad_accum).backward()
+    sums["loss"] += float(loss.total.detach()) / cfg.grad_accum
+    for name, part in loss.parts.items():
+        sums[name] = sums.get(name, 0.0) + float(part.detach()) / cfg.grad_accum
+    if loss.align_stats is not None:
+        counts["align_skipped"] += loss.align_stats.skipped
+        counts["align_truncated"] += loss.align_stats.truncated
+        counts["align_empty"] += loss.align_stats.empty
+    return position
 
 
 def load_lm_head(llm_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -620,8 +643,8 @@ def train(
         xopd = XOPDTerm(prompt, eos_token_ids(llm_dir)) if student_cfg.xopd_weight > 0 else None
         if train_cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        distributed.broadcast_trainable(student, layout)
-        if train_cfg.fsdp:
+        if train_cfg.fsdp:  # FSDP cuts its shards from rank 0's weights; DDP (below) broadcasts them itself
+            distributed.broadcast_trainable(student, layout)
             distributed.shard_trainable(student, layout, device)
         if layout.enabled:  # each rank its own dropout draws
             torch.manual_seed(train_cfg.seed + layout.rank)
@@ -657,13 +680,15 @@ def train(
             held_out = HeldOut(Path(eval_cache_dir), eval_encoder, lm_head, mixed_mean_h_t(cache_dirs, weights),
                                train_cfg.batch_size, train_cfg.eval_batches)  # fmt: skip
 
+        # torch DDP over the trainable parts (after a resume has loaded the same weights on every rank)
+        forward = distributed.replicate(student, layout, device) if layout.enabled and not train_cfg.fsdp else None
         last_train: dict[str, Any] = {}
         last_eval: dict[str, Any] = {}
         checkpoint: Path | None = checkpoints[-1] if resumed_from is not None else None
         while step < train_cfg.steps:  # every rank runs the same steps: the stream never ends
             started = time.perf_counter()
             metrics, position = train_step(student, batches, student_cfg, train_cfg, optimizer, schedule, layout,
-                                           xopd, step)  # fmt: skip
+                                           xopd, step, forward)  # fmt: skip
             step += 1
             seconds = time.perf_counter() - started
             samples_per_s = train_cfg.batch_size * train_cfg.grad_accum * layout.world_size / seconds
