@@ -295,6 +295,13 @@ class TrainConfig:
     reuse_encoder_outputs: bool = doc(
         "Encode each utterance once and keep the frozen encoder's output in memory for later epochs.", default=False
     )
+    autocast: bool = doc(
+        "Run the trainable parts (Q-Former or MLP, projection) under bf16 autocast when runtime.dtype resolves to "
+        "bfloat16 (a GPU, or a CPU with native bf16: AVX512-BF16 or AMX), the master weights, gradients and AdamW "
+        "state staying float32 (METHOD.md). Elsewhere (AVX2 CPUs: bf16 ~80x slower) they run in float32 whatever "
+        "this says. false: float32 always.",
+        default=True,
+    )
     encoder_memory_gb: float = doc(
         "Host memory (GiB) for kept frozen-encoder outputs, each of the training reuse (reuse_encoder_outputs) and "
         "the held-out evaluation (always reuses): every utterance counted at 30 s (whisper-large-v3 in bf16: "

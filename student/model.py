@@ -382,6 +382,8 @@ class DiVAStudent(nn.Module):
         self.llm_trainable = llm_trainable
         self.reuse_prefix_kv = reuse_prefix_kv
         self.trim_mel = trim_mel  # how it was trained (StudentConfig.trim_mel): inference featurises the same way
+        # train.autocast: the trainable parts' matmuls in bf16 (float32 master weights); None: float32 throughout
+        self.autocast_dtype: torch.dtype | None = None
         self.gradient_checkpointing = False
         self.encoder.requires_grad_(encoder_trainable)
         self.llm.requires_grad_(llm_trainable)
@@ -478,9 +480,14 @@ class DiVAStudent(nn.Module):
             return whisper_encode(self.encoder, features.to(dtype), frames)
 
     def audio_tokens(self, encoder_out: torch.Tensor, encoder_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """The audio tokens v (B, Q, d_llm): adapter then projection, in the trainable parts' dtype."""
-        x = self.adapter(encoder_out.to(self.projection.weight.dtype), encoder_lengths)  # (B, Q, d_w)
-        return self.projection(x)  # (B, Q, d_llm)
+        """The audio tokens v (B, Q, d_llm): adapter then projection, in the trainable parts' dtype (float32; their
+        matmuls under autocast in `autocast_dtype` when it is set, the weights and the result staying float32)."""
+        dtype = self.projection.weight.dtype
+        if self.autocast_dtype is None:
+            return self.projection(self.adapter(encoder_out.to(dtype), encoder_lengths))  # (B, Q, d_llm)
+        with torch.autocast(encoder_out.device.type, dtype=self.autocast_dtype):
+            v = self.projection(self.adapter(encoder_out.to(dtype), encoder_lengths))
+        return v.to(dtype)
 
     def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """E(t): the LLM's input embeddings of token ids (N,) -> (N, d_llm), the alignment target when the

@@ -640,6 +640,8 @@ def train(
         if init_from is not None:
             init_from_trained(student, init_from, Path(whisper_dir), Path(llm_dir), prompt, student_cfg)
         student = student.to(device).train()
+        if train_cfg.autocast and dtype == torch.bfloat16:  # native bf16 only: runtime.dtype auto picks it there
+            student.autocast_dtype = torch.bfloat16
         xopd = XOPDTerm(prompt, eos_token_ids(llm_dir)) if student_cfg.xopd_weight > 0 else None
         if train_cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()

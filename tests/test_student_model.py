@@ -510,3 +510,27 @@ def test_answer_agreement_is_teacher_forced_top1_along_the_whole_answer(student:
         expected.append(hits / len(answer))
     assert answer_agreement(student, rows, swapped) == pytest.approx(expected, abs=1e-6)
     assert answer_agreement(student, rows[:1], [[]]) == [1.0]
+
+
+def test_autocast_runs_the_trainable_matmuls_in_bf16_with_float32_weights(student: DiVAStudent, whisper) -> None:
+    """train.autocast: under bf16 autocast the Q-Former's projections compute in bf16, the audio tokens come back
+    float32, and the gradients land on the float32 master weights."""
+    seen = []
+    layer = student.adapter.layers[0].self_attn.q_proj
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    encoder_out = torch.randn(2, 10, whisper.config.d_model)
+    try:
+        student.autocast_dtype = None
+        plain = student.audio_tokens(encoder_out)
+        student.autocast_dtype = torch.bfloat16
+        mixed = student.audio_tokens(encoder_out)
+        mixed.sum().backward()
+    finally:
+        student.autocast_dtype = None
+        handle.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert plain.dtype == mixed.dtype == torch.float32
+    assert float((mixed - plain).norm() / plain.norm()) < 0.05  # bf16's 8-bit mantissa, through a few layers
+    assert layer.weight.dtype == torch.float32 and layer.weight.grad is not None
+    assert layer.weight.grad.dtype == torch.float32
+    student.zero_grad(set_to_none=True)

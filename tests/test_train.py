@@ -196,6 +196,22 @@ def test_a_row_longer_than_30_s_trains_on_its_first_30_s(
     assert all(math.isfinite(r["loss"]) for r in records)
 
 
+def test_bf16_runs_train_under_autocast_with_float32_weights(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
+    """runtime.dtype bfloat16 (what auto picks on native-bf16 hardware): the trainable parts train under autocast,
+    their checkpointed weights float32; train.autocast=false trains them in float32 and logs other losses."""
+    from dataclasses import replace
+
+    bf16 = replace(RUNTIME, dtype="bfloat16")
+    losses = {}
+    for autocast in (True, False):
+        run = tmp_path / f"autocast_{autocast}"
+        train(caches["train"], run, tiny_whisper, tiny_llama, STUDENT, _train_cfg(steps=2, autocast=autocast), bf16)
+        losses[autocast] = [r["loss"] for r in _records(run)]
+        weights = load_file(str(run / "checkpoints" / "step_000002" / "trainable.safetensors"))
+        assert {w.dtype for w in weights.values()} == {torch.float32}
+    assert all(math.isfinite(x) for x in losses[True]) and losses[True] != losses[False]
+
+
 def test_resume_equals_an_uninterrupted_run(caches, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
     cfg = _train_cfg(steps=12, grad_accum=2, batch_size=3, checkpoint_every=6)
     straight, halted = tmp_path / "straight", tmp_path / "halted"
