@@ -135,8 +135,8 @@ def _read_pretrained(path: Path, whisper_dir: Path | None, llm_dir: Path | None)
 
 
 def _read_run(path: Path, whisper_dir: Path | None, llm_dir: Path | None) -> tuple[StudentInfo, Path]:
-    from diva.student.train import WEIGHTS_FILE as RUN_WEIGHTS
-    from diva.student.train import TrainRun, list_checkpoints
+    from diva.student.run_folder import WEIGHTS_FILE as RUN_WEIGHTS
+    from diva.student.run_folder import TrainRun, list_checkpoints
     from diva.teacher_cache.index import CacheError, read_index
 
     run = load_config(path / "config.yaml", cls=TrainRun)

@@ -42,7 +42,7 @@ GAP_METRICS = ("cosine", "top1_agree", "answer_top1", "kl", "identical", "first4
 
 def run_step(run_dir: Path) -> int | None:
     """The step of a run's latest complete checkpoint (None: a save_pretrained folder, not a run)."""
-    from diva.student.train import list_checkpoints
+    from diva.student.run_folder import list_checkpoints
 
     checkpoints = list_checkpoints(Path(run_dir))
     return int(json.loads((checkpoints[-1] / "checkpoint.json").read_text())["step"]) if checkpoints else None

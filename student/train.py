@@ -65,7 +65,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,16 @@ from diva.student.distributed import SINGLE, Dist
 from diva.student.generate import eos_token_ids
 from diva.student.losses import align_accuracy, align_loss, combined_loss, distill_loss, kl_loss
 from diva.student.model import DiVAStudent, StudentConfig
+from diva.student.run_folder import (  # noqa: F401  (re-exported: the run folder's names, as before)
+    CHECKPOINTS,
+    INFO_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    TrainRun,
+    list_checkpoints,
+    prune_checkpoints,
+)
 from diva.student.stats import blind_partners
 from diva.student.xopd import XOPDTerm
 from diva.teacher_cache.index import CacheError
@@ -102,31 +112,7 @@ from diva.teacher_cache.prompt import PromptSpec
 from diva.teacher_cache.read import check_fingerprint
 from diva.zoo.checksum import weights_checksum
 
-CHECKPOINTS = "checkpoints"
-WEIGHTS_FILE = "trainable.safetensors"
-STATE_FILE = "state.pt"
-INFO_FILE = "checkpoint.json"
-METRICS_FILE = "metrics.jsonl"
 DEBUG_RANK_DIR = "DIVA_DEBUG_RANK_DIR"  # test hook: each rank writes the ids it trained on and its final weights
-
-
-@dataclass
-class TrainRun:
-    """Everything that made a run: saved as run_dir/config.yaml."""
-
-    cache_dir: str = ""  # the training cache (with several, the first)
-    cache_dirs: list[str] = field(default_factory=list)  # every training cache, in mixing order
-    cache_weights: list[float] = field(default_factory=list)  # their mixing weights
-    eval_cache_dir: str | None = None
-    whisper_dir: str = ""
-    llm_dir: str = ""
-    student: StudentConfig = field(default_factory=StudentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    # What inference needs to check and rebuild the student without the cache (runs from before: read the cache)
-    whisper_checksum: str = ""  # zoo.checksum.weights_checksum of whisper_dir
-    llm_checksum: str = ""  # of llm_dir (equal to the caches' teacher_weights_sha256)
-    prompt: dict[str, Any] = field(default_factory=dict)  # the training cache's prompt (PromptSpec.to_json)
 
 
 # --- schedule and optimizer ---------------------------------------------------------------------------
@@ -222,20 +208,6 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (the json is written last, renames are atomic), oldest first."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / INFO_FILE).is_file())
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
 
 
 def load_checkpoint(

@@ -1,0 +1,65 @@
+"""The package's imports point down the data flow: no module imports one that (directly or through others)
+imports it back, function-local imports included (issue 17: "no import cycles")."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP = {"tests", "bench", ".venv", "build", ".git"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(["diva", *parts])
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = [p for p in ROOT.rglob("*.py") if not set(p.relative_to(ROOT).parts) & SKIP]
+    modules = {module_name(p): p for p in files}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for target in targets:
+                while target and target not in modules:  # diva.student.train.train -> diva.student.train
+                    target = target.rpartition(".")[0]
+                if target and target != name and target != "diva":
+                    graph[name].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    graph = import_graph()
+    assert "diva.student.train" in graph and "diva.student.run_folder" in graph["diva.student.train"]
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle or [])
