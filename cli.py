@@ -638,8 +638,8 @@ def train_command(
     )
 
     from diva.config import ConfigError, load_config
-    from diva.student.distributed import from_env
-    from diva.student.train import train
+    from diva.student.training.distributed import from_env
+    from diva.student.training.train import train
     from diva.zoo.resolve import ModelNotFound, resolve_model
 
     try:
@@ -738,7 +738,7 @@ def chat_command(
     import sys
 
     from diva.audio import load_audio
-    from diva.student.answer import stream_answer
+    from diva.student.inference.answer import stream_answer
 
     model_dir = _model_dir(model)
     try:
@@ -785,7 +785,7 @@ def generate_command(
     """Answer every row of a manifest in batches (greedy), with a progress bar; resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from diva.student.answer import answer_manifest
+    from diva.student.inference.answer import answer_manifest
 
     model_dir = _model_dir(model)
     with Progress("answers", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
@@ -836,7 +836,7 @@ def eval_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from diva.manifests.store import write_json_atomic
-    from diva.student.evaluate import evaluate_answers, report_notes, table_rows
+    from diva.student.eval.evaluate import evaluate_answers, report_notes, table_rows
 
     model_dir = _model_dir(model)
     names = [s.strip() for s in systems.split(",") if s.strip()]
@@ -870,7 +870,7 @@ def export_command(
     """Save a trained student as a self-describing folder (config.json naming the base Whisper and LLM with their
     weight checksums and the prompt ids, model.safetensors with the trained weights), loadable without the run
     or its cache: `diva chat --model OUT_DIR`."""
-    from diva.student.checkpoint import export_pretrained
+    from diva.student.inference.checkpoint import export_pretrained
 
     try:
         path, info = export_pretrained(_model_dir(model), out_dir)
@@ -910,7 +910,7 @@ def report_command(
     against a constant's. Skipped when the run and the options did not change."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from diva.student.report import build_report, verdict_text
+    from diva.student.eval.report import build_report, verdict_text
 
     model_dir = _model_dir(model)
     sets = {"held-out synthetic speech": held_out, **({"unseen voice": unseen} if unseen is not None else {}),
@@ -966,7 +966,7 @@ def ask_command(
     device: DeviceOpt = "auto",
 ) -> None:
     """Answer one held-out spoken question twice: the teacher reading its transcript, the student hearing it."""
-    from diva.student.evaluate import spoken_question
+    from diva.student.eval.evaluate import spoken_question
 
     try:
         result = spoken_question(_model_dir(model), manifest, utt_id, max_new_tokens, device)
@@ -1033,7 +1033,7 @@ def ablate_command(
     a randomly initialised Q-Former, an MLP adapter, or a whole-answer loss added) and write OUT/ablations.md: per
     held-out set the metrics of each variant, its paired-bootstrap difference from the first variant, and what each
     cost. Resumable: finished runs and scores are reused."""
-    from diva.student.ablations import run_ablations
+    from diva.student.eval.ablations import run_ablations
     from diva.zoo.resolve import ModelNotFound
 
     names = [v.strip() for v in variants.split(",") if v.strip()]

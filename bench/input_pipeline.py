@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from _common import RESULTS, headline, machine, md_table, write_results
 
-from diva.student.data import MixPosition, TrainBatches, read_shard, waveform
-from diva.student.features import log_mel
+from diva.student.model.features import log_mel
+from diva.student.training.data import MixPosition, TrainBatches, read_shard, waveform
 from diva.teacher_cache.index import read_index
 from diva.teacher_cache.read import shard_paths
 from diva.zoo.resolve import resolve_model

@@ -20,7 +20,7 @@ from pathlib import Path
 from _common import RESULTS, headline, machine, md_table, write_results
 
 from diva.manifests.record import Utterance
-from diva.student.data import read_shard
+from diva.student.training.data import read_shard
 from diva.teacher_cache.index import read_index
 from diva.teacher_cache.read import shard_paths
 from diva.teacher_cache.write import TeacherRow, to_stored, write_shard

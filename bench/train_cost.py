@@ -2,8 +2,8 @@
 the same run: mel padded to 30 s, no prefix key/value reuse, the frozen encoder run every step, h_T from the cache.
 Also the peak memory of each variant, and the cache against the `online` teacher mode (same options otherwise).
 
-Runs the real recipe (`diva.student.train.train`) for two epochs over a small held-out cache (the demo's dev split by
-default) and times the steps of the second epoch, where encoder-output reuse has filled its store. Each variant runs
+Runs the real recipe (`diva.student.training.train.train`) for two epochs over a small held-out cache (the demo's dev
+split by default) and times the steps of the second epoch, where encoder-output reuse has filled its store. Each variant runs
 in a fresh process, whose RSS high-water mark (`resource.getrusage`, torch's allocations included) is its peak
 memory; the high-water mark after the imports, before training, is reported beside it.
 Needs a cache built with the student's LLM (`make demo` builds runs/demo/cache/dev).
@@ -29,7 +29,7 @@ from _common import headline
 
 from diva.config import load_config
 from diva.runtime import describe_hardware
-from diva.student.train import train
+from diva.student.training.train import train
 from diva.teacher_cache.index import read_index
 from diva.zoo.resolve import resolve_model
 

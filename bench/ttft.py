@@ -22,8 +22,8 @@ import torch
 from _common import RESULTS, headline, machine, md_table, write_results
 
 from diva.audio import load_audio
-from diva.student.evaluate import Cascade, token_rows
-from diva.student.generate import SAMPLE_RATE, decode_steps, eos_token_ids, generate
+from diva.student.eval.evaluate import Cascade, token_rows
+from diva.student.inference.generate import SAMPLE_RATE, decode_steps, eos_token_ids, generate
 from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
 
 SPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "librispeech"
@@ -41,7 +41,7 @@ def source_speech() -> tuple[np.ndarray, str]:
 
 def load_student(run: Path):
     """(student, tokenizer, feature extractor, prompt, whisper dir, note)."""
-    from diva.student.checkpoint import load_pretrained, load_processors
+    from diva.student.inference.checkpoint import load_pretrained, load_processors
 
     if (run / "config.yaml").is_file():
         student, info = load_pretrained(run)
@@ -50,7 +50,7 @@ def load_student(run: Path):
     from transformers import AutoTokenizer, WhisperFeatureExtractor
 
     from diva.config import load_config
-    from diva.student.model import DiVAStudent
+    from diva.student.model.network import DiVAStudent
     from diva.teacher_cache.prompt import build_prompt
     from diva.zoo.resolve import resolve_model
 

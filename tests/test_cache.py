@@ -218,7 +218,7 @@ def test_ids_with_dots_and_slashes_round_trip(manifest, tiny_llama, tmp_path: Pa
     'zero_slt_0.8', Lhotse cut ids 'spk/utt.1') must still group into one sample each and read back exactly."""
     import gzip
 
-    from diva.student.data import read_shard
+    from diva.student.training.data import read_shard
     from diva.teacher_cache.read import shard_paths
 
     dotted = tmp_path / "m"

@@ -39,8 +39,8 @@ def test_every_module_error_is_a_user_error() -> None:
     from diva.audio import AudioError
     from diva.config import ConfigError
     from diva.manifests.voices import SynthError
-    from diva.student.checkpoint import CheckpointError
-    from diva.student.evaluate import EvalError
+    from diva.student.eval.evaluate import EvalError
+    from diva.student.inference.checkpoint import CheckpointError
     from diva.teacher_cache.index import CacheError
     from diva.teacher_cache.prompt import PromptError
     from diva.zoo.checksum import ChecksumError

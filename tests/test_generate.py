@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 
 from diva.audio import load_audio
 from diva.config import RuntimeConfig, load_config
-from diva.student.checkpoint import CheckpointError, load_pretrained, load_processors, save_pretrained
-from diva.student.features import log_mel
-from diva.student.generate import (
+from diva.student.inference.checkpoint import CheckpointError, load_pretrained, load_processors, save_pretrained
+from diva.student.inference.generate import (
     audio_tokens_per_clip,
     eos_token_ids,
     generate,
@@ -28,7 +27,8 @@ from diva.student.generate import (
     num_chunks,
     positions_of,
 )
-from diva.student.model import DiVAStudent, StudentConfig
+from diva.student.model.features import log_mel
+from diva.student.model.network import DiVAStudent, StudentConfig
 from diva.teacher_cache.prompt import build_prompt
 
 CFG = StudentConfig(num_queries=8, long_text="truncate")
@@ -167,7 +167,7 @@ def test_default_stop_ids_come_from_the_llm(loaded) -> None:
 def test_load_a_train_run_folder(speech_dir, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
     from diva.manifests.importers.base import ImportOptions
     from diva.manifests.prepare import import_corpus
-    from diva.student.train import TrainConfig, train
+    from diva.student.training.train import TrainConfig, train
     from diva.teacher_cache.build import build_cache
 
     with open(speech_dir / "transcripts.tsv", encoding="utf-8", newline="") as f:
@@ -199,7 +199,7 @@ def test_load_a_train_run_folder(speech_dir, tiny_whisper, tiny_llama, tmp_path:
 
 
 def test_streamed_pieces_add_up_to_generate(loaded, clips) -> None:
-    from diva.student.generate import stream_generate
+    from diva.student.inference.generate import stream_generate
 
     student, info, tokenizer, fe = loaded
     for eos_ids in ([0], eos_token_ids(info.llm_dir, tokenizer)):  # the full length, and the LLM's own stop ids
@@ -213,7 +213,7 @@ def test_streamed_pieces_add_up_to_generate(loaded, clips) -> None:
 
 
 def test_text_pieces_hold_back_what_may_still_change(loaded) -> None:
-    from diva.student.generate import TextPieces
+    from diva.student.inference.generate import TextPieces
 
     tokenizer = loaded[2]
     ids = tokenizer("Hello , world . It 's fine", add_special_tokens=False).input_ids
@@ -230,7 +230,7 @@ def test_generate_featurises_as_the_student_was_trained(
 
     from transformers import AutoTokenizer
 
-    import diva.student.generate as gen
+    import diva.student.inference.generate as gen
 
     prompt = build_prompt(AutoTokenizer.from_pretrained(tiny_llama))
     cfg = replace(CFG, trim_mel=False)

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from diva.audio import load_audio
-from diva.student.checkpoint import load_pretrained, load_processors
-from diva.student.features import log_mel
+from diva.student.inference.checkpoint import load_pretrained, load_processors
+from diva.student.model.features import log_mel
 from diva.teacher_cache.read import open_table
 from diva.tests.test_inference_cli import _invoke
 from diva.tests.test_train import _build, _clips, _records

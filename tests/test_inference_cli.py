@@ -20,12 +20,12 @@ from typer.testing import CliRunner
 from diva.audio import load_audio
 from diva.cli import app
 from diva.manifests.store import read_manifest
-from diva.student.checkpoint import load_pretrained, load_processors
-from diva.student.evaluate import METRICS, length_batches, render_markdown
-from diva.student.features import log_mel
-from diva.student.generate import generate
-from diva.student.report import build_report
-from diva.student.stats import blind_partners
+from diva.student.eval.evaluate import METRICS, length_batches, render_markdown
+from diva.student.eval.report import build_report
+from diva.student.eval.stats import blind_partners
+from diva.student.inference.checkpoint import load_pretrained, load_processors
+from diva.student.inference.generate import generate
+from diva.student.model.features import log_mel
 from diva.teacher_cache.backends.hf import HFTeacher
 from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
 from diva.tests.test_train import _build, _clips
@@ -333,7 +333,7 @@ def test_help_explains_every_option(command: str) -> None:
 
 
 def test_answer_scores_count_identical_answers_and_shared_prefixes() -> None:
-    from diva.student.evaluate import ANSWER_METRICS, answer_scores, shared_prefix
+    from diva.student.eval.evaluate import ANSWER_METRICS, answer_scores, shared_prefix
 
     assert [shared_prefix([1, 2, 3], b) for b in ([1, 2, 3], [1, 2], [1, 5, 3], [4], [])] == [3, 2, 1, 0, 0]
     teacher = [[1, 2, 3, 9], [4, 9], [7, 8]]
@@ -343,8 +343,8 @@ def test_answer_scores_count_identical_answers_and_shared_prefixes() -> None:
 
 
 def test_verdicts_tell_better_tied_and_worse_apart() -> None:
-    from diva.student.evaluate import row_means
-    from diva.student.report import verdict_text, verdicts
+    from diva.student.eval.evaluate import row_means
+    from diva.student.eval.report import verdict_text, verdicts
 
     def rows(cosine, top1, kl, identical, n=4):  # every row scores the same: the interval is a point
         scores = {"cosine": cosine, "top1_agree": top1, "kl": kl, "identical": identical, "first4": top1,

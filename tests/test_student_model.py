@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from diva.config import ConfigError
-from diva.student.features import encoder_frames_for, log_mel
-from diva.student.losses import align_accuracy, align_loss, combined_loss, distill_loss, kl_loss
-from diva.student.model import (
+from diva.student.model.features import encoder_frames_for, log_mel
+from diva.student.model.losses import align_accuracy, align_loss, combined_loss, distill_loss, kl_loss
+from diva.student.model.network import (
     DiVAStudent,
     MLPAdapter,
     QFormer,
@@ -128,7 +128,7 @@ def test_projection_init_embeddings_gives_tokens_like_the_llms_embeddings(
 
 
 def test_gelu_rms_matches_sampling() -> None:
-    from diva.student.model import gelu_rms
+    from diva.student.model.network import gelu_rms
 
     z = torch.randn(400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for std in (0.3, 1.0, 5.0):
@@ -283,7 +283,7 @@ def test_kl_loss_is_teacher_to_student_kl() -> None:
 
 
 def test_combined_loss_weights_and_ablations(student: DiVAStudent) -> None:
-    from diva.student.model import StudentOutput
+    from diva.student.model.network import StudentOutput
 
     out = StudentOutput(h_s=torch.randn(2, 6), audio_tokens=torch.randn(2, 4, 6))
     h_t, targets = torch.randn(2, 6), [torch.randn(2, 6), torch.randn(3, 6)]
@@ -420,7 +420,11 @@ def test_projection_init_whisper_vocab_ranks_the_shared_tokens_as_whispers_outpu
     the LLM score the shared tokens exactly as Whisper's output layer does: its best token is Whisper's."""
     from torch import nn
 
-    from diva.student.model import init_projection_from_whisper_vocab, init_projection_to_embeddings, shared_vocabulary
+    from diva.student.model.network import (
+        init_projection_from_whisper_vocab,
+        init_projection_to_embeddings,
+        shared_vocabulary,
+    )
 
     g = torch.Generator().manual_seed(0)
     d_w, d_llm, n = 16, 24, 300
@@ -454,7 +458,7 @@ def test_projection_init_whisper_vocab_on_the_real_models_reads_whispers_words(
     from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     from diva.audio import load_audio
-    from diva.student.model import shared_vocabulary
+    from diva.student.model.network import shared_vocabulary
     from diva.teacher_cache.prompt import build_prompt
 
     prompt = build_prompt(AutoTokenizer.from_pretrained(smollm2))
@@ -491,7 +495,7 @@ def test_projection_init_whisper_vocab_on_the_real_models_reads_whispers_words(
 def test_answer_agreement_is_teacher_forced_top1_along_the_whole_answer(student: DiVAStudent) -> None:
     """The evaluation's answer_top1: a system's own greedy answers score 1.0; another row's answer scores what
     feeding it one token at a time, each row alone (no padding), and comparing the argmax gives."""
-    from diva.student.evaluate import answer_agreement, run_rows, token_rows
+    from diva.student.eval.evaluate import answer_agreement, run_rows, token_rows
 
     student.eval()
     rows = token_rows(student, [[5, 6, 7, 8, 9], [10, 11, 12]])  # rows of different lengths: left padding

@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 from diva.config import RuntimeConfig, load_config
 from diva.manifests.importers.base import ImportOptions
 from diva.manifests.prepare import import_corpus
-from diva.student.data import (
+from diva.student.model.network import StudentConfig
+from diva.student.training.data import (
     DataPosition,
     MixPosition,
     epoch_samples,
@@ -37,9 +38,8 @@ from diva.student.data import (
     rank_stream,
     sample_stream,
 )
-from diva.student.distributed import Dist, check_shards
-from diva.student.model import StudentConfig
-from diva.student.train import TrainConfig, TrainRun, check_mixable, lr_factor, train
+from diva.student.training.distributed import Dist, check_shards
+from diva.student.training.train import TrainConfig, TrainRun, check_mixable, lr_factor, train
 from diva.teacher_cache.build import build_cache
 from diva.teacher_cache.index import CacheError
 from diva.teacher_cache.read import open_table
@@ -116,7 +116,7 @@ def test_data_order_is_a_function_of_seed_and_epoch(caches: dict[str, Path]) -> 
 def test_shard_windows_mix_neighbouring_shards_and_resume_exactly(caches: dict[str, Path]) -> None:
     """The train cache stores 4 rows per shard; a window of 3 shards pools 12 rows, so a batch can hold rows of
     several shards, the epoch still holds every row once, and a stream resumed mid-window continues exactly."""
-    from diva.student.data import read_shard, shard_order, windows_of
+    from diva.student.training.data import read_shard, shard_order, windows_of
     from diva.teacher_cache.read import shard_paths
 
     paths = shard_paths(caches["train"], "tar")
@@ -244,9 +244,9 @@ def _evaluate_checkpoint(checkpoint: Path, cache: Path, mean_cache: Path, whispe
     """Scores of a saved student on `cache` (the library's evaluate, from the checkpoint's weights alone)."""
     from transformers import WhisperFeatureExtractor
 
-    from diva.student.data import EncoderOutputs, mean_h_t
-    from diva.student.model import DiVAStudent
-    from diva.student.train import eval_batches, evaluate, load_lm_head
+    from diva.student.model.network import DiVAStudent
+    from diva.student.training.data import EncoderOutputs, mean_h_t
+    from diva.student.training.train import eval_batches, evaluate, load_lm_head
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 
@@ -288,10 +288,10 @@ def test_held_out_blind_control_pairs_rows_as_the_report_does(caches, tiny_whisp
     held-out rows, across batches): batches of one row never pair a row with itself."""
     from transformers import WhisperFeatureExtractor
 
-    from diva.student.data import EncoderOutputs, mean_h_t
-    from diva.student.model import DiVAStudent
-    from diva.student.stats import blind_partners
-    from diva.student.train import eval_batches, evaluate, load_lm_head, prediction_scores
+    from diva.student.eval.stats import blind_partners
+    from diva.student.model.network import DiVAStudent
+    from diva.student.training.data import EncoderOutputs, mean_h_t
+    from diva.student.training.train import eval_batches, evaluate, load_lm_head, prediction_scores
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 
@@ -320,8 +320,8 @@ def test_held_out_blind_control_pairs_rows_as_the_report_does(caches, tiny_whisp
 def test_ids_only_cache_gives_the_same_alignment_targets(
     speech_dir, caches, tiny_whisper, tiny_llama, tmp_path
 ) -> None:
-    from diva.student.data import alignment_targets
-    from diva.student.model import DiVAStudent
+    from diva.student.model.network import DiVAStudent
+    from diva.student.training.data import alignment_targets
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 
@@ -517,7 +517,7 @@ def test_online_teacher_matches_the_cache(caches, tiny_whisper, tiny_llama, tmp_
     for key in ("loss", "distill", "align"):
         assert runs["online"][0][key] == pytest.approx(runs["cache"][0][key], abs=1e-4), key
 
-    from diva.student.train import open_online_teacher
+    from diva.student.training.train import open_online_teacher
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 
@@ -538,7 +538,7 @@ def _prepared_batches(
 ) -> list:
     from transformers import WhisperFeatureExtractor
 
-    from diva.student.data import TrainBatches, TrainLoader
+    from diva.student.training.data import TrainBatches, TrainLoader
 
     start = MixPosition((DataPosition(0, 5),))  # mid-epoch, as a resumed run starts
     source = TrainBatches([cache], [1.0], 3, start, 3, WhisperFeatureExtractor.from_pretrained(whisper), True, reuse,
@@ -574,8 +574,8 @@ def test_a_bounded_encoder_store_keeps_the_first_utterances_and_encodes_the_rest
     batch's encoder outputs equal those of an encoder that keeps nothing."""
     from transformers import WhisperFeatureExtractor
 
-    from diva.student.data import EncoderOutputs, encoder_rows_within
-    from diva.student.model import DiVAStudent
+    from diva.student.model.network import DiVAStudent
+    from diva.student.training.data import EncoderOutputs, encoder_rows_within
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 
@@ -640,8 +640,8 @@ def _count_call(calls: dict[str, int], key: str, *_: object) -> None:
 def test_gradient_checkpointing_keeps_losses_and_gradients(caches, tiny_whisper, tiny_llama, reuse_prefix_kv) -> None:
     """Checkpointed Q-Former and LLM layers give the same loss and trainable gradients, and do recompute (each
     layer's attention runs twice: forward, then again in the backward)."""
-    from diva.student.losses import combined_loss
-    from diva.student.model import DiVAStudent
+    from diva.student.model.losses import combined_loss
+    from diva.student.model.network import DiVAStudent
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 
@@ -698,7 +698,7 @@ def test_torchrun_fsdp_resumes_the_plain_run_and_ends_equal(caches, tiny_whisper
     with the trainable parts sharded by FSDP2 (the plain checkpoint cut into shards, 2 sharded steps, a gathered
     checkpoint). Both end with the same weights and optimizer state, and the FSDP checkpoint loads into a student
     without FSDP."""
-    from diva.student.model import DiVAStudent
+    from diva.student.model.network import DiVAStudent
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 
@@ -758,7 +758,7 @@ def test_torchrun_fsdp_resumes_the_plain_run_and_ends_equal(caches, tiny_whisper
 def test_xopd_stage_starts_from_a_trained_run_and_resumes_exactly(caches, tiny_whisper, tiny_llama, tmp_path) -> None:
     from dataclasses import replace
 
-    from diva.student.checkpoint import CheckpointError
+    from diva.student.inference.checkpoint import CheckpointError
 
     first = tmp_path / "diva"
     train(caches["train"], first, tiny_whisper, tiny_llama, STUDENT, _train_cfg(steps=3), RUNTIME)

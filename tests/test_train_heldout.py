@@ -23,7 +23,7 @@ from diva.audio import resample
 from diva.config import load_config
 from diva.manifests.importers.base import ImportOptions
 from diva.manifests.prepare import import_corpus
-from diva.student.train import train
+from diva.student.training.train import train
 from diva.teacher_cache.build import build_cache
 
 WORDS = ("zero", "one", "two", "three", "four")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diva.student.model import DiVAStudent, StudentConfig
-from diva.student.xopd import (
+from diva.student.model.network import DiVAStudent, StudentConfig
+from diva.student.training.xopd import (
     reverse_kl,
     rollouts,
     stop_mask,

@@ -29,7 +29,7 @@ from diva.audio import AudioError, load_audio
 from diva.errors import UserError
 from diva.manifests.record import Utterance
 from diva.manifests.store import read_manifest
-from diva.student.generate import SAMPLE_RATE, StreamPiece, generate, stream_generate
+from diva.student.inference.generate import SAMPLE_RATE, StreamPiece, generate, stream_generate
 
 WINDOW_BATCHES = 8  # rows are sorted by duration within windows of this many batches
 
@@ -86,7 +86,7 @@ def answer_manifest(
     `progress(rows_done, rows_total_or_None)` is called after every batch (the total is known only with a
     limit)."""
     from diva.runtime import resolve_device
-    from diva.student.checkpoint import load_pretrained, load_processors
+    from diva.student.inference.checkpoint import load_pretrained, load_processors
 
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
@@ -169,7 +169,7 @@ def stream_answer(
     import torch
 
     from diva.runtime import resolve_device
-    from diva.student.checkpoint import load_pretrained, load_processors
+    from diva.student.inference.checkpoint import load_pretrained, load_processors
 
     if temperature < 0:
         raise UserError(f"temperature must be >= 0 (0: greedy), got {temperature}")

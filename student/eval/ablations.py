@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from diva.config import ConfigError
-from diva.student.evaluate import COLUMNS
+from diva.student.eval.evaluate import COLUMNS
 
 ANSWER_ON = ("student.answer_weight=1",)
 
@@ -97,7 +97,7 @@ def render_costs(rows: dict[str, dict[str, Any]]) -> str:
 
 def last_eval_distill(run_dir: Path) -> float | None:
     """The held-out L_distill of the run's last evaluation on its eval cache (metrics.jsonl), if any."""
-    from diva.student.report import read_curves
+    from diva.student.eval.report import read_curves
 
     _, evals = read_curves(run_dir)
     return evals[-1]["distill"] if evals else None
@@ -106,7 +106,7 @@ def last_eval_distill(run_dir: Path) -> float | None:
 def seconds_per_utterance(run_dir: Path) -> float:
     """Training seconds per utterance: the median logged step's, from its samples_per_s (steps after the first
     10%, so the first epoch's encoder passes and warm-up do not dominate)."""
-    from diva.student.report import read_curves
+    from diva.student.eval.report import read_curves
 
     train, _ = read_curves(run_dir)
     rates = [r["samples_per_s"] for r in train[len(train) // 10 :] if r.get("samples_per_s")]
@@ -124,7 +124,7 @@ def cache_bytes_per_utterance(cache_dir: Path) -> int:
 
 def versus(student: dict[str, list[float]], reference: dict[str, list[float]], seed: int) -> dict[str, Any]:
     """Per metric, {diff, low, high, verdict}: one student's per-row scores against another's on the same rows."""
-    from diva.student.report import compare
+    from diva.student.eval.report import compare
 
     verdict, intervals = compare({"a": student, "b": reference}, "a", "b", seed=seed)
     return {k: {**intervals[k], "verdict": verdict[k]} for k in intervals}
@@ -154,8 +154,8 @@ def run_ablations(
     the whole-answer variants. `extra_sets`: more held-out manifests by name (e.g. real recordings), scored beside
     `manifest` ("held-out"). The first variant is the reference of the differences; `seed` seeds their bootstrap."""
     from diva.config import load_config
-    from diva.student.report import build_report
-    from diva.student.train import train
+    from diva.student.eval.report import build_report
+    from diva.student.training.train import train
     from diva.zoo.resolve import resolve_model
 
     unknown = [v for v in variants if v not in VARIANTS]

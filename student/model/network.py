@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diva.config import StudentConfig
-from diva.student.features import encoder_frames_for
+from diva.student.model.features import encoder_frames_for
 
 
 @dataclass

@@ -50,8 +50,9 @@ from diva.audio import AudioError
 from diva.errors import UserError
 from diva.manifests.record import Utterance
 from diva.manifests.store import read_manifest
-from diva.student.answer import utterance_audio
-from diva.student.generate import (
+from diva.student.eval.stats import blind_partners
+from diva.student.inference.answer import utterance_audio
+from diva.student.inference.generate import (
     SAMPLE_RATE,
     audio_rows,
     audio_tokens_per_clip,
@@ -63,9 +64,8 @@ from diva.student.generate import (
     split_at_stop,
     split_chunks,
 )
-from diva.student.losses import align_accuracy, align_pairs
-from diva.student.model import DiVAStudent, StudentConfig
-from diva.student.stats import blind_partners
+from diva.student.model.losses import align_accuracy, align_pairs
+from diva.student.model.network import DiVAStudent, StudentConfig
 from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
 from diva.wer import word_errors
 
@@ -286,7 +286,7 @@ def evaluate_answers(
     n, skipped, cascade_wer, blind_same_text, examples, rows, ...}, per_row and rows both in manifest order;
     `progress(rows_done, limit)` is called after every batch."""
     from diva.runtime import resolve_device
-    from diva.student.checkpoint import load_pretrained, load_processors
+    from diva.student.inference.checkpoint import load_pretrained, load_processors
 
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown or not systems:
@@ -520,7 +520,7 @@ def spoken_question(
     import time
 
     from diva.runtime import resolve_device
-    from diva.student.checkpoint import load_pretrained, load_processors
+    from diva.student.inference.checkpoint import load_pretrained, load_processors
 
     row, utt = pick_question(Path(manifest_dir), utt_id)
     torch_device = resolve_device(device)

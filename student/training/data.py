@@ -46,8 +46,8 @@ import torch
 
 from diva.audio import load_audio
 from diva.config import ConfigError
-from diva.student.features import encoder_frames_for, log_mel
-from diva.student.model import DiVAStudent, pad_encoder_outputs
+from diva.student.model.features import encoder_frames_for, log_mel
+from diva.student.model.network import DiVAStudent, pad_encoder_outputs
 from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.prompt import PromptSpec, teacher_input_ids
 from diva.teacher_cache.read import decode_sample, shard_paths

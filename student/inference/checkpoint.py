@@ -29,7 +29,7 @@ import torch
 from diva import __version__
 from diva.config import StudentConfig, from_dict, load_config, to_dict
 from diva.errors import UserError
-from diva.student.model import DiVAStudent
+from diva.student.model.network import DiVAStudent
 from diva.teacher_cache.prompt import PromptSpec
 from diva.zoo.checksum import checksum_matches, weights_checksum
 

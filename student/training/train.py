@@ -75,9 +75,23 @@ from torch import nn
 
 from diva.config import ConfigError, RuntimeConfig, TrainConfig, save_config
 from diva.runtime import resolve_device, resolve_dtype
-from diva.student import distributed
-from diva.student.checkpoint import init_from_trained
-from diva.student.data import (
+from diva.student.eval.stats import blind_partners
+from diva.student.inference.checkpoint import init_from_trained
+from diva.student.inference.generate import eos_token_ids
+from diva.student.model.losses import align_accuracy, align_loss, combined_loss, distill_loss, kl_loss
+from diva.student.model.network import DiVAStudent, StudentConfig
+from diva.student.run_folder import (  # noqa: F401  (re-exported: the run folder's names, as before)
+    CHECKPOINTS,
+    INFO_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    TrainRun,
+    list_checkpoints,
+    prune_checkpoints,
+)
+from diva.student.training import distributed
+from diva.student.training.data import (
     AnswerSpec,
     Batch,
     DataPosition,
@@ -91,22 +105,8 @@ from diva.student.data import (
     make_batch,
     mixed_mean_h_t,
 )
-from diva.student.distributed import SINGLE, Dist
-from diva.student.generate import eos_token_ids
-from diva.student.losses import align_accuracy, align_loss, combined_loss, distill_loss, kl_loss
-from diva.student.model import DiVAStudent, StudentConfig
-from diva.student.run_folder import (  # noqa: F401  (re-exported: the run folder's names, as before)
-    CHECKPOINTS,
-    INFO_FILE,
-    METRICS_FILE,
-    STATE_FILE,
-    WEIGHTS_FILE,
-    TrainRun,
-    list_checkpoints,
-    prune_checkpoints,
-)
-from diva.student.stats import blind_partners
-from diva.student.xopd import XOPDTerm
+from diva.student.training.distributed import SINGLE, Dist
+from diva.student.training.xopd import XOPDTerm
 from diva.teacher_cache.index import CacheError
 from diva.teacher_cache.prompt import PromptSpec
 from diva.teacher_cache.read import check_fingerprint
@@ -601,7 +601,7 @@ def train(
             run = TrainRun(str(cache_dir), [str(d) for d in cache_dirs], weights, eval_dir, str(whisper_dir),
                            str(llm_dir), student_cfg, train_cfg, runtime, weights_checksum(Path(whisper_dir)),
                            llm_checksum, index["prompt"])  # fmt: skip
-            save_config(run, run_dir / "config.yaml", made_by="diva.student.train.train")
+            save_config(run, run_dir / "config.yaml", made_by="diva.student.training.train.train")
 
         torch.manual_seed(train_cfg.seed)  # the same initialisation on every rank (and rank 0's is broadcast)
         prompt = PromptSpec.from_json(index["prompt"])  # the cache's prompt ids, never a fresh render

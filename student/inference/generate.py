@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from diva.errors import UserError
-from diva.student.features import encoder_frames_for, log_mel
-from diva.student.model import DiVAStudent
+from diva.student.model.features import encoder_frames_for, log_mel
+from diva.student.model.network import DiVAStudent
 from diva.teacher_cache.prompt import (
     PLACEHOLDER,
     PromptError,

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diva.student.data import AnswerBatch
-from diva.student.model import StudentConfig, StudentOutput
+from diva.student.model.network import StudentConfig, StudentOutput
+from diva.student.training.data import AnswerBatch
 
 
 @dataclass

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from diva.config import StudentConfig
-from diva.student.generate import decode_steps, left_pad, positions_of, prompt_rows
-from diva.student.model import DiVAStudent
+from diva.student.inference.generate import decode_steps, left_pad, positions_of, prompt_rows
+from diva.student.model.network import DiVAStudent
 from diva.teacher_cache.prompt import PromptSpec, teacher_input_ids
 
 

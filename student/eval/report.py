@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from diva import __version__
-from diva.student.evaluate import COLUMNS, SYSTEMS, EvalError, evaluate_answers, render_markdown
-from diva.student.stats import LEVEL, RESAMPLES, interval_verdict, paired_bootstrap
+from diva.student.eval.evaluate import COLUMNS, SYSTEMS, EvalError, evaluate_answers, render_markdown
+from diva.student.eval.stats import LEVEL, RESAMPLES, interval_verdict, paired_bootstrap
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
