@@ -4,8 +4,8 @@ Also the peak memory of each variant, and the cache against the `online` teacher
 
 Runs the real recipe (`diva.student.training.train.train`) for two epochs over a small held-out cache (the demo's dev
 split by default) and times the steps of the second epoch, where encoder-output reuse has filled its store. Each
-variant runs in a fresh process, whose RSS high-water mark (`resource.getrusage`, torch's allocations included) is its peak
-memory; the high-water mark after the imports, before training, is reported beside it.
+variant runs in a fresh process, whose RSS high-water mark (`resource.getrusage`, torch's allocations included) is
+its peak memory; the high-water mark after the imports, before training, is reported beside it.
 Needs a cache built with the student's LLM (`make demo` builds runs/demo/cache/dev).
 """
 
