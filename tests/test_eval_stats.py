@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from diva.student.eval.evaluate import answer_f1, answer_scores, hidden_scores, row_means, starts_like
+from diva.student.eval.evaluate import answer_f1, answer_scores, row_means, starts_like
 from diva.student.eval.report import HIGHER_IS_BETTER, render_report, verdict_text, verdicts
 from diva.student.eval.stats import interval_verdict, paired_bootstrap
-from diva.student.training.train import prediction_scores
+from diva.student.model.metrics import hidden_scores, prediction_scores
 
 
 def test_first_k_compares_the_teachers_first_k_tokens_or_all_of_a_shorter_answer() -> None:

@@ -165,9 +165,10 @@ def test_default_stop_ids_come_from_the_llm(loaded) -> None:
 
 
 def test_load_a_train_run_folder(speech_dir, tiny_whisper, tiny_llama, tmp_path: Path) -> None:
+    from diva.config import TrainConfig
     from diva.manifests.importers.base import ImportOptions
     from diva.manifests.prepare import import_corpus
-    from diva.student.training.train import TrainConfig, train
+    from diva.student.training.train import train
     from diva.teacher_cache.build import build_cache
 
     with open(speech_dir / "transcripts.tsv", encoding="utf-8", newline="") as f:

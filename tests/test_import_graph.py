@@ -29,7 +29,7 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
             for target in targets:
-                while target and target not in modules:  # diva.student.train.train -> diva.student.training.train
+                while target and target not in modules:  # diva.student.training.train.train -> the module
                     target = target.rpartition(".")[0]
                 if target and target != name and target != "diva":
                     graph[name].add(target)
@@ -63,3 +63,12 @@ def test_the_package_has_no_import_cycle() -> None:
     assert "diva.student.training.train" in graph and "diva.student.run_folder" in graph["diva.student.training.train"]
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_student_imports_point_down_its_rooms() -> None:
+    """Inside student/: model <- inference <- training <- eval (a room imports only rooms before it)."""
+    order = {"model": 0, "inference": 1, "training": 2, "eval": 3}
+    room = lambda name: order.get(name.split(".")[2]) if name.startswith("diva.student.") else None  # noqa: E731
+    upward = [f"{a} -> {b}" for a, targets in import_graph().items() for b in targets
+              if room(a) is not None and room(b) is not None and room(b) > room(a)]  # fmt: skip
+    assert not upward, upward

@@ -22,10 +22,10 @@ from diva.cli import app
 from diva.manifests.store import read_manifest
 from diva.student.eval.evaluate import METRICS, length_batches, render_markdown
 from diva.student.eval.report import build_report
-from diva.student.eval.stats import blind_partners
 from diva.student.inference.checkpoint import load_pretrained, load_processors
 from diva.student.inference.generate import generate
 from diva.student.model.features import log_mel
+from diva.student.model.metrics import blind_partners
 from diva.teacher_cache.backends.hf import HFTeacher
 from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
 from diva.tests.test_train import _build, _clips

@@ -25,10 +25,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diva.config import RuntimeConfig, load_config
+from diva.config import RuntimeConfig, TrainConfig, load_config
 from diva.manifests.importers.base import ImportOptions
 from diva.manifests.prepare import import_corpus
 from diva.student.model.network import StudentConfig
+from diva.student.run_folder import TrainRun
+from diva.student.training.caches import check_mixable
 from diva.student.training.data import (
     DataPosition,
     MixPosition,
@@ -39,7 +41,7 @@ from diva.student.training.data import (
     sample_stream,
 )
 from diva.student.training.distributed import Dist, check_shards
-from diva.student.training.train import TrainConfig, TrainRun, check_mixable, lr_factor, train
+from diva.student.training.train import lr_factor, train
 from diva.teacher_cache.build import build_cache
 from diva.teacher_cache.index import CacheError
 from diva.teacher_cache.read import open_table
@@ -246,7 +248,7 @@ def _evaluate_checkpoint(checkpoint: Path, cache: Path, mean_cache: Path, whispe
 
     from diva.student.model.network import DiVAStudent
     from diva.student.training.data import EncoderOutputs, mean_h_t
-    from diva.student.training.train import eval_batches, evaluate, load_lm_head
+    from diva.student.training.heldout import eval_batches, evaluate, load_lm_head
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 
@@ -288,10 +290,10 @@ def test_held_out_blind_control_pairs_rows_as_the_report_does(caches, tiny_whisp
     held-out rows, across batches): batches of one row never pair a row with itself."""
     from transformers import WhisperFeatureExtractor
 
-    from diva.student.eval.stats import blind_partners
+    from diva.student.model.metrics import blind_partners, prediction_scores
     from diva.student.model.network import DiVAStudent
     from diva.student.training.data import EncoderOutputs, mean_h_t
-    from diva.student.training.train import eval_batches, evaluate, load_lm_head, prediction_scores
+    from diva.student.training.heldout import eval_batches, evaluate, load_lm_head
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 
@@ -517,7 +519,7 @@ def test_online_teacher_matches_the_cache(caches, tiny_whisper, tiny_llama, tmp_
     for key in ("loss", "distill", "align"):
         assert runs["online"][0][key] == pytest.approx(runs["cache"][0][key], abs=1e-4), key
 
-    from diva.student.training.train import open_online_teacher
+    from diva.student.training.caches import open_online_teacher
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from diva.config import RuntimeConfig
+from diva.config import RuntimeConfig, TrainConfig
 from diva.student.model.losses import answer_ce, answer_kl, answer_l2
 from diva.student.model.network import DiVAStudent, StudentConfig
+from diva.student.training.caches import open_online_teacher
 from diva.student.training.data import AnswerSpec, EncoderOutputs, answer_batch, epoch_samples, make_batch
-from diva.student.training.train import TrainConfig, open_online_teacher, train
+from diva.student.training.train import train
 from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.prompt import PromptSpec
 from diva.tests.test_train import _build, _clips, _records
@@ -196,7 +197,7 @@ def test_caches_without_the_needed_targets_are_refused(caches, tiny_whisper, tin
 
 
 def test_caches_with_other_answers_are_not_mixed() -> None:
-    from diva.student.training.train import check_mixable
+    from diva.student.training.caches import check_mixable
 
     fingerprint = {"teacher_weights_sha256": "abc", "prefix_ids": [1, 2], "suffix_ids": [3], "dtype": "float32",
                    "hidden_size": 128, "answer_tokens": 32, "answer_targets": "hidden", "answer_stop_ids": [2]}

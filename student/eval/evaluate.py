@@ -43,14 +43,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from diva.audio import AudioError
 from diva.errors import UserError
 from diva.manifests.record import Utterance
 from diva.manifests.store import read_manifest
-from diva.student.eval.stats import blind_partners
 from diva.student.inference.answer import utterance_audio
 from diva.student.inference.generate import (
     SAMPLE_RATE,
@@ -65,6 +62,7 @@ from diva.student.inference.generate import (
     split_chunks,
 )
 from diva.student.model.losses import align_accuracy, align_pairs
+from diva.student.model.metrics import blind_partners, hidden_scores
 from diva.student.model.network import DiVAStudent, StudentConfig
 from diva.teacher_cache.prompt import teacher_input_ids, transcript_ids
 from diva.wer import word_errors
@@ -165,21 +163,6 @@ def answer_scores(answers: list[list[int]], teacher: list[list[int]]) -> dict[st
         for key, value in row.items():
             scores[key].append(value)
     return scores
-
-
-def hidden_scores(h: torch.Tensor, h_t: torch.Tensor, lm_head: nn.Module) -> dict[str, list[float]]:
-    """Per row: cosine(h, h_T), next-token top-1 agreement, KL(p_T || p_h) and ||h - h_T|| (the terms that
-    train.prediction_scores sums over a batch)."""
-    dtype = next(lm_head.parameters()).dtype
-    logits, logits_t = lm_head(h.to(dtype)), lm_head(h_t.to(dtype))  # (B, vocab) each
-    log_p, log_p_t = F.log_softmax(logits.float(), dim=-1), F.log_softmax(logits_t.float(), dim=-1)
-    kl = F.kl_div(log_p, log_p_t, log_target=True, reduction="none").sum(-1)  # (B,)
-    return {
-        "cosine": F.cosine_similarity(h.float(), h_t.float(), dim=-1).tolist(),
-        "top1_agree": (logits.argmax(-1) == logits_t.argmax(-1)).float().tolist(),
-        "kl": kl.tolist(),
-        "distill": torch.linalg.vector_norm(h.float() - h_t.float(), dim=-1).tolist(),
-    }
 
 
 @torch.no_grad()

@@ -34,17 +34,3 @@ def paired_bootstrap(diffs: Sequence[float], resamples: int = RESAMPLES, seed: i
 def interval_verdict(low: float, high: float) -> str:
     """`better` when the interval of the difference is above 0, `worse` when below it, `tie` when it holds 0."""
     return "better" if low > 0 else "worse" if high < 0 else "tie"
-
-
-def blind_partners(n: int, seed: int = 0) -> list[int]:
-    """A seeded random pairing of n rows with no row paired with itself (Sattolo's algorithm: one random cycle
-    through all the rows): row i is fed row partner[i]'s audio in the audio-blind control, in the report and in
-    the trainer's held-out evaluation alike. Needs n >= 2 (one row has no other row to borrow from)."""
-    if n < 2:
-        raise ValueError(f"the audio-blind control pairs each row with another row; {n} row(s) cannot be paired")
-    partner = list(range(n))
-    rng = np.random.default_rng(seed)
-    for i in range(n - 1, 0, -1):
-        j = int(rng.integers(0, i))  # j < i: i never keeps its own place
-        partner[i], partner[j] = partner[j], partner[i]
-    return partner

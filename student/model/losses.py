@@ -27,7 +27,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from diva.student.model.network import StudentConfig, StudentOutput
-from diva.student.training.data import AnswerBatch
+
+
+@dataclass
+class AnswerBatch:
+    """The teacher's answers of one batch, right-padded to the longest (K), and what the cache stores along them:
+    target k of a row is where its answer token k is predicted (k = 0: the suffix's last position)."""
+
+    ids: torch.Tensor  # (B, K) long, answer ids, 0 past each row's length
+    mask: torch.Tensor  # (B, K) bool, True on each row's own answer tokens
+    hidden: torch.Tensor | None = None  # (B, K, d_llm) float32 teacher final hidden states (answer_targets=hidden)
+    topk_ids: torch.Tensor | None = None  # (B, K, k) long: the teacher's k likeliest next tokens (topk)
+    topk_logprobs: torch.Tensor | None = None  # (B, K, k) float32: their log-probs
+
+    def to(self, device: torch.device) -> AnswerBatch:
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device)
+
+        return AnswerBatch(self.ids.to(device), self.mask.to(device), move(self.hidden), move(self.topk_ids),
+                           move(self.topk_logprobs))  # fmt: skip
 
 
 @dataclass

@@ -47,6 +47,7 @@ import torch
 from diva.audio import load_audio
 from diva.config import ConfigError
 from diva.student.model.features import encoder_frames_for, log_mel
+from diva.student.model.losses import AnswerBatch
 from diva.student.model.network import DiVAStudent, pad_encoder_outputs
 from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.prompt import PromptSpec, teacher_input_ids
@@ -102,25 +103,6 @@ class Batch:
     text_ids: list[tuple[int, ...]]  # B transcripts as token ids
     answers: AnswerBatch | None = None  # the teacher's answers and their targets, from a cache with answers
     audio_truncated: int = 0  # rows whose audio was longer than 30 s, cut to its first 30 s when encoded
-
-
-@dataclass
-class AnswerBatch:
-    """The teacher's answers of one batch, right-padded to the longest (K), and what the cache stores along them:
-    target k of a row is where its answer token k is predicted (k = 0: the suffix's last position)."""
-
-    ids: torch.Tensor  # (B, K) long, answer ids, 0 past each row's length
-    mask: torch.Tensor  # (B, K) bool, True on each row's own answer tokens
-    hidden: torch.Tensor | None = None  # (B, K, d_llm) float32 teacher final hidden states (answer_targets=hidden)
-    topk_ids: torch.Tensor | None = None  # (B, K, k) long: the teacher's k likeliest next tokens (topk)
-    topk_logprobs: torch.Tensor | None = None  # (B, K, k) float32: their log-probs
-
-    def to(self, device: torch.device) -> AnswerBatch:
-        def move(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.to(device)
-
-        return AnswerBatch(self.ids.to(device), self.mask.to(device), move(self.hidden), move(self.topk_ids),
-                           move(self.topk_logprobs))  # fmt: skip
 
 
 def pad_rows(rows: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:

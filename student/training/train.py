@@ -62,54 +62,54 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diva.config import ConfigError, RuntimeConfig, TrainConfig, save_config
 from diva.runtime import resolve_device, resolve_dtype
-from diva.student.eval.stats import blind_partners
 from diva.student.inference.checkpoint import init_from_trained
 from diva.student.inference.generate import eos_token_ids
-from diva.student.model.losses import align_accuracy, align_loss, combined_loss, distill_loss, kl_loss
+from diva.student.model.losses import combined_loss
 from diva.student.model.network import DiVAStudent, StudentConfig
-from diva.student.run_folder import (  # noqa: F401  (re-exported: the run folder's names, as before)
-    CHECKPOINTS,
+from diva.student.run_folder import (
     INFO_FILE,
     METRICS_FILE,
-    STATE_FILE,
-    WEIGHTS_FILE,
     TrainRun,
     list_checkpoints,
     prune_checkpoints,
 )
 from diva.student.training import distributed
+from diva.student.training.caches import check_answers, check_mixable, open_cache, open_online_teacher
 from diva.student.training.data import (
     AnswerSpec,
     Batch,
     DataPosition,
     EncoderOutputs,
     MixPosition,
-    OnlineTeacher,
     TrainBatches,
     TrainLoader,
     encoder_rows_within,
-    epoch_samples,
     make_batch,
     mixed_mean_h_t,
 )
 from diva.student.training.distributed import SINGLE, Dist
+from diva.student.training.heldout import HeldOut, load_lm_head
+from diva.student.training.state import (
+    full_state,
+    full_weights,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+)
 from diva.student.training.xopd import XOPDTerm
 from diva.teacher_cache.index import CacheError
 from diva.teacher_cache.prompt import PromptSpec
-from diva.teacher_cache.read import check_fingerprint
 from diva.zoo.checksum import weights_checksum
 
 DEBUG_RANK_DIR = "DIVA_DEBUG_RANK_DIR"  # test hook: each rank writes the ids it trained on and its final weights
@@ -137,118 +137,6 @@ def build_optimizer(
         optimizer, lambda step: lr_factor(step, cfg.steps, cfg.warmup_frac, cfg.min_lr_ratio)
     )
     return optimizer, schedule
-
-
-# --- checkpoints --------------------------------------------------------------------------------------
-
-
-def rng_states() -> dict[str, Any]:
-    """The torch RNG states (dropout draws); the data order needs none (it is a function of seed and epoch)."""
-    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def full_weights(student: DiVAStudent) -> dict[str, torch.Tensor]:
-    """The trainable weights on the CPU, gathered from the shards under FSDP (a collective: every rank calls it)."""
-    return {k: distributed.gathered(v).detach().cpu().contiguous() for k, v in student.trainable_state_dict().items()}
-
-
-def full_state(student: DiVAStudent, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The trainable weights and the optimizer state, gathered under FSDP (a collective: every rank calls it), so
-    a checkpoint has the same layout with or without FSDP."""
-    return full_weights(student), distributed.full_optimizer_state(optimizer)
-
-
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    weights: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
-    schedule: Any,
-    position: MixPosition,
-    rank_rngs: list[dict[str, Any]] | None = None,
-    num_workers: int = 0,
-) -> Path:
-    """checkpoints/step_XXXXXX/ with weights, state and a json, written under a temp name and renamed.
-
-    `weights`, `optimizer_state`: the trainable weights and optimizer state (`full_state`).
-    `rank_rngs`: every rank's RNG states in a distributed run (the world size is their count); None: this
-    process alone. `num_workers` is for the record only: the data order does not depend on it."""
-    from safetensors.torch import save_file
-
-    final = run_dir / CHECKPOINTS / f"step_{step:06d}"
-    tmp = run_dir / CHECKPOINTS / f".step_{step:06d}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
-    rngs = rank_rngs or [rng_states()]
-    state = {
-        "step": step,
-        "optimizer": optimizer_state,
-        "schedule": schedule.state_dict(),
-        "rng": rngs[0],
-        "rank_rngs": rngs,
-        "world_size": len(rngs),
-        "position": position.to_dict(),
-        "num_workers": num_workers,
-    }
-    torch.save(state, tmp / STATE_FILE)
-    info = {"step": step, "position": position.to_dict(), "world_size": len(rngs), "num_workers": num_workers,
-            "files": [WEIGHTS_FILE, STATE_FILE], "tensors": len(weights)}  # fmt: skip
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    if final.exists():  # a checkpoint of the same step from a run that was resumed before it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def load_checkpoint(
-    path: Path,
-    student: DiVAStudent,
-    optimizer: torch.optim.Optimizer,
-    schedule: Any,
-    layout: Dist = SINGLE,
-    num_caches: int = 1,
-) -> tuple[int, MixPosition]:
-    """Restore weights, optimizer, schedule and this rank's RNG from a checkpoint folder; returns (step, data
-    position). Refuses a checkpoint written by a run of another world size (its data split would differ) or
-    over another number of caches. Under FSDP the gathered tensors are cut to this rank's shards."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / WEIGHTS_FILE))
-    expected = set(student.trainable_state_dict())
-    if set(weights) != expected:
-        raise CacheError(f"{path}: the checkpoint's tensors do not match this student's trainable parameters")
-    state = torch.load(path / STATE_FILE, weights_only=True)
-    saved_world = int(state.get("world_size", 1))  # checkpoints from before DDP: one process
-    if saved_world != layout.world_size:
-        raise CacheError(
-            f"{path} was written by a run of {saved_world} process(es) but this run has {layout.world_size}; "
-            f"resume with --nproc_per_node {saved_world} (the data split depends on the world size)"
-        )
-    position = MixPosition.from_dict(state["position"])
-    if len(position.caches) != num_caches:
-        raise CacheError(
-            f"{path} was written by a run over {len(position.caches)} cache(s) but this run has {num_caches}; "
-            "resume with the same --cache list (and weights) as the run that wrote it"
-        )
-    current = student.trainable_state_dict()
-    student.load_state_dict({k: distributed.shard_like(v, current[k]) for k, v in weights.items()}, strict=False)
-    optimizer.load_state_dict(distributed.shard_optimizer_state(state["optimizer"], optimizer))
-    schedule.load_state_dict(state["schedule"])
-    set_rng_states(state["rank_rngs"][layout.rank] if "rank_rngs" in state else state["rng"])
-    return int(state["step"]), position
-
-
-# --- metrics ------------------------------------------------------------------------------------------
 
 
 class MetricsLog:
@@ -360,183 +248,12 @@ def _micro_step(
     return position
 
 
-def load_lm_head(llm_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The LLM's frozen output layer (eval only: next-token agreement and KL)."""
-    from transformers import AutoModelForCausalLM
-
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
-    return llm.get_output_embeddings().to(device).requires_grad_(False)
-
-
-def prediction_scores(h: torch.Tensor, h_t: torch.Tensor, lm_head: nn.Module, prefix: str) -> dict[str, float]:
-    """Sums over rows of ||h - h_T||, cosine, top-1 agreement and KL(p_T || p_h), keys prefixed by `prefix`."""
-    rows = h.shape[0]
-    dtype = next(lm_head.parameters()).dtype
-    top1_h = lm_head(h.to(dtype)).argmax(-1)  # (B,)
-    top1_t = lm_head(h_t.to(dtype)).argmax(-1)  # (B,)
-    return {
-        f"{prefix}distill": float(distill_loss(h, h_t)) * rows,
-        f"{prefix}cosine": float(F.cosine_similarity(h.float(), h_t.float(), dim=-1).sum()),
-        f"{prefix}top1_agree": float((top1_h == top1_t).sum()),
-        f"{prefix}kl": float(kl_loss(h, h_t, lm_head)) * rows,
-    }
-
-
-@torch.no_grad()
-def evaluate(
-    student: DiVAStudent, batches: list[Batch], student_cfg: StudentConfig, lm_head: nn.Module, h_t_mean: torch.Tensor
-) -> dict[str, float]:
-    """Held-out scores of the student, of the audio-blind control (each row fed another row's audio, scored against
-    its own h_T: the report's seeded pairing `stats.blind_partners` over all the held-out rows, never a row with
-    itself; the student's h_S for a clip does not depend on the row it is scored for, so the control re-scores the
-    h_S already computed) and of the mean-h_T predictor (the train set's mean
-    h_T as h_S for every row). `blind_same_text` is the fraction of rows whose borrowed audio says the same
-    transcript: the control cannot tell those apart, so a high fraction makes it weak. `align` is the L2 alignment
-    on student.align_slots whatever student.align_loss trains; `align_acc` the share of aligned slots whose best
-    vocabulary token (argmax v E^T) is the transcript's, beside `align_acc_constant`: the same for one constant
-    vector in every slot (each batch's mean transcript embedding), the score of audio tokens that carry no words."""
-    was_training = student.training
-    student.eval()
-    sums: dict[str, float] = {}
-    rows = pairs = skipped = truncated = 0
-    heard, targets, texts = [], [], []  # every row's h_S, h_T and transcript ids, for the blind control
-
-    def add(scores: dict[str, float]) -> None:
-        for key, value in scores.items():
-            sums[key] = sums.get(key, 0.0) + value
-
-    for batch in batches:
-        out = student(encoder_out=batch.encoder_out, encoder_lengths=batch.encoder_lengths)
-        add(prediction_scores(out.h_s, batch.h_t, lm_head, ""))
-        align, stats = align_loss(out.audio_tokens, batch.targets, student_cfg.long_text, student_cfg.align_slots)
-        add({"align": float(align) * stats.pairs})
-        table = student.llm.get_input_embeddings().weight  # (vocab, d_llm)
-        ids = [torch.tensor(t, dtype=torch.long) for t in batch.text_ids]
-        correct, _ = align_accuracy(out.audio_tokens, ids, table, student_cfg.long_text, student_cfg.align_slots)
-        constant = torch.cat(batch.targets).mean(0).expand(out.audio_tokens.shape)  # (B, Q, d): one vector everywhere
-        const_correct, _ = align_accuracy(constant, ids, table, student_cfg.long_text, student_cfg.align_slots)
-        add({"align_acc": float(correct), "align_acc_constant": float(const_correct)})
-        pairs, skipped, truncated = pairs + stats.pairs, skipped + stats.skipped, truncated + stats.truncated
-        heard.append(out.h_s)
-        targets.append(batch.h_t)
-        texts += list(batch.text_ids)
-        mean = h_t_mean.to(batch.h_t.device).expand_as(batch.h_t)  # (B, d_llm)
-        add(prediction_scores(mean, batch.h_t, lm_head, "mean_ht_"))
-        rows += batch.h_t.shape[0]
-    same_text = float("nan")
-    if rows >= 2:  # row i scored with partner[i]'s h_S, in chunks of the batch size
-        partner = torch.tensor(blind_partners(rows))
-        h_s, h_t, width = torch.cat(heard), torch.cat(targets), max(len(t) for t in targets)
-        for start in range(0, rows, width):
-            chunk = slice(start, min(rows, start + width))
-            add(prediction_scores(h_s[partner[chunk]], h_t[chunk], lm_head, "blind_"))
-        same_text = sum(texts[i] == texts[j] for i, j in enumerate(partner.tolist())) / rows
-    student.train(was_training)
-    per_pair = ("align", "align_acc", "align_acc_constant")
-    metrics = {key: value / rows for key, value in sums.items() if key not in per_pair}
-    for key in per_pair:  # means over the aligned (b, n) pairs
-        metrics[key] = sums.get(key, 0.0) / pairs if pairs else float("nan")
-    counts = {"rows": rows, "align_skipped": skipped, "align_truncated": truncated}
-    return {**metrics, **counts, "blind_same_text": same_text}
-
-
-def eval_batches(cache_dir: Path, encoder: EncoderOutputs, batch_size: int, limit: int) -> Iterator[Batch]:
-    """The held-out cache in one fixed shuffled order (seed 0, epoch 0: the same at every evaluation; shuffled so
-    that rolling a batch rarely pairs neighbours from one recording session), in batches, the last one smaller."""
-    group: list[dict[str, Any]] = []
-    made = 0
-    for sample in epoch_samples(cache_dir, seed=0, epoch=0):
-        group.append(sample)
-        if len(group) == batch_size:
-            yield make_batch(group, encoder)
-            group, made = [], made + 1
-            if limit and made >= limit:
-                return
-    if group:
-        yield make_batch(group, encoder)
-
-
-@dataclass
-class HeldOut:
-    """The periodic held-out evaluation: a cache, its encoder outputs (kept), the lm_head and the mean h_T."""
-
-    cache_dir: Path
-    encoder: EncoderOutputs
-    lm_head: nn.Module
-    h_t_mean: torch.Tensor  # (d_llm,) the TRAIN cache's mean h_T
-    batch_size: int
-    limit: int  # batches per evaluation, 0: all
-
-    def __call__(self, student: DiVAStudent, student_cfg: StudentConfig) -> dict[str, float]:
-        batches = list(eval_batches(self.cache_dir, self.encoder, self.batch_size, self.limit))
-        return evaluate(student, batches, student_cfg, self.lm_head, self.h_t_mean)
-
-
 def is_due(step: int, every: int, last: int) -> bool:
     """Whether something done every `every` steps (0: only at the end) is due after `step`."""
     return (every > 0 and step % every == 0) or step == last
 
 
 # --- the recipe ---------------------------------------------------------------------------------------
-
-
-def open_cache(cache_dir: Path, llm_checksum: str, llm_dir: Path | None = None) -> dict[str, Any]:
-    """The cache index, after refusing a cache built with another LLM than the student's."""
-    try:
-        return check_fingerprint(cache_dir, llm_checksum, llm_dir)
-    except CacheError as e:
-        raise CacheError(f"refusing to train on {cache_dir}: {e}") from e
-
-
-# the teacher's checksum is not compared between caches: open_cache checked each against the student's LLM (a cache
-# from before checksum v2 records the v1 checksum of the same weights)
-STUDENT_FINGERPRINT = ("prefix_ids", "suffix_ids", "dtype", "hidden_size")
-ANSWER_FINGERPRINT = ("answer_tokens", "answer_targets", "answer_topk", "answer_stop_ids")
-ANSWER_TARGETS_FOR = {"l2": ("hidden",), "kl": ("topk",), "ce": ("ids", "hidden", "topk")}
-
-
-def check_answers(indexes: dict[Path, dict[str, Any]], student_cfg: StudentConfig, online: bool) -> None:
-    """Refuse training caches that lack the answer targets student.answer_loss reads (answer_weight > 0)."""
-    if student_cfg.answer_weight == 0:
-        return
-    wanted = ANSWER_TARGETS_FOR[student_cfg.answer_loss]
-    for cache_dir, index in indexes.items():
-        fingerprint = index["fingerprint"]
-        if not fingerprint.get("answer_tokens"):
-            raise CacheError(
-                f"{cache_dir} holds no teacher answers, which student.answer_weight > 0 trains on; rebuild it with "
-                f"--set cache.answer_tokens=32 --set cache.answer_targets={wanted[0]}"
-                + (" (the online teacher recomputes what the cache's answer settings say)" if online else "")
-            )
-        if fingerprint["answer_targets"] not in wanted:
-            raise CacheError(
-                f"{cache_dir} stores answer targets '{fingerprint['answer_targets']}', but student.answer_loss="
-                f"{student_cfg.answer_loss} needs {' or '.join(wanted)}; rebuild it with --set "
-                f"cache.answer_targets={wanted[0]}, or choose another answer_loss"
-            )
-
-
-def check_mixable(indexes: dict[Path, dict[str, Any]]) -> None:
-    """Refuse training caches that disagree on a fingerprint field the student depends on."""
-    (first, reference), *rest = indexes.items()
-    for cache_dir, index in rest:
-        keys = STUDENT_FINGERPRINT + ANSWER_FINGERPRINT  # one batch holds rows of every cache: the same answers
-        differ = [k for k in keys if index["fingerprint"].get(k) != reference["fingerprint"].get(k)]
-        if differ:
-            raise CacheError(
-                f"cannot mix {first} and {cache_dir}: their {', '.join(differ)} differ; every training cache must "
-                "be built with the same teacher, prompt, dtype and hidden size"
-            )
-
-
-def open_online_teacher(
-    llm_dir: Path, prompt: PromptSpec, runtime: RuntimeConfig, device: torch.device, answers: AnswerSpec | None = None
-) -> OnlineTeacher:
-    """The online-teacher mode's h_T source (and with `answers`, of the answers and their targets): the
-    transformers teacher on the student's LLM."""
-    from diva.teacher_cache.backends.hf import HFTeacher
-
-    return OnlineTeacher(HFTeacher(llm_dir, dtype=runtime.dtype, device=str(device)), prompt, answers)
 
 
 def train(
