@@ -24,7 +24,8 @@ import numpy as np
 from _common import RESULTS, headline, machine, md_table, write_results
 
 from diva.student.model.features import log_mel
-from diva.student.training.data import MixPosition, TrainBatches, read_shard, waveform
+from diva.student.training.batches import waveform
+from diva.student.training.data import MixPosition, TrainBatches, read_shard
 from diva.teacher_cache.index import read_index
 from diva.teacher_cache.read import shard_paths
 from diva.zoo.resolve import resolve_model

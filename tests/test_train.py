@@ -247,7 +247,8 @@ def _evaluate_checkpoint(checkpoint: Path, cache: Path, mean_cache: Path, whispe
     from transformers import WhisperFeatureExtractor
 
     from diva.student.model.network import DiVAStudent
-    from diva.student.training.data import EncoderOutputs, mean_h_t
+    from diva.student.training.batches import EncoderOutputs
+    from diva.student.training.data import mean_h_t
     from diva.student.training.heldout import eval_batches, evaluate, load_lm_head
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
@@ -292,7 +293,8 @@ def test_held_out_blind_control_pairs_rows_as_the_report_does(caches, tiny_whisp
 
     from diva.student.model.metrics import blind_partners, prediction_scores
     from diva.student.model.network import DiVAStudent
-    from diva.student.training.data import EncoderOutputs, mean_h_t
+    from diva.student.training.batches import EncoderOutputs
+    from diva.student.training.data import mean_h_t
     from diva.student.training.heldout import eval_batches, evaluate, load_lm_head
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
@@ -323,7 +325,7 @@ def test_ids_only_cache_gives_the_same_alignment_targets(
     speech_dir, caches, tiny_whisper, tiny_llama, tmp_path
 ) -> None:
     from diva.student.model.network import DiVAStudent
-    from diva.student.training.data import alignment_targets
+    from diva.student.training.batches import alignment_targets
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 
@@ -577,7 +579,7 @@ def test_a_bounded_encoder_store_keeps_the_first_utterances_and_encodes_the_rest
     from transformers import WhisperFeatureExtractor
 
     from diva.student.model.network import DiVAStudent
-    from diva.student.training.data import EncoderOutputs, encoder_rows_within
+    from diva.student.training.batches import EncoderOutputs, encoder_rows_within
     from diva.teacher_cache.index import read_index
     from diva.teacher_cache.prompt import PromptSpec
 

@@ -18,8 +18,9 @@ import torch
 from diva.config import RuntimeConfig, TrainConfig
 from diva.student.model.losses import answer_ce, answer_kl, answer_l2
 from diva.student.model.network import DiVAStudent, StudentConfig
+from diva.student.training.batches import AnswerSpec, EncoderOutputs, answer_batch, make_batch
 from diva.student.training.caches import open_online_teacher
-from diva.student.training.data import AnswerSpec, EncoderOutputs, answer_batch, epoch_samples, make_batch
+from diva.student.training.data import epoch_samples
 from diva.student.training.train import train
 from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.prompt import PromptSpec

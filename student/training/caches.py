@@ -11,10 +11,7 @@ import torch
 
 from diva.config import RuntimeConfig
 from diva.student.model.network import StudentConfig
-from diva.student.training.data import (
-    AnswerSpec,
-    OnlineTeacher,
-)
+from diva.student.training.batches import AnswerSpec, OnlineTeacher
 from diva.teacher_cache.index import CacheError
 from diva.teacher_cache.prompt import PromptSpec
 from diva.teacher_cache.read import check_fingerprint

@@ -15,12 +15,8 @@ from torch import nn
 from diva.student.model.losses import align_accuracy, align_loss
 from diva.student.model.metrics import blind_partners, prediction_scores
 from diva.student.model.network import DiVAStudent, StudentConfig
-from diva.student.training.data import (
-    Batch,
-    EncoderOutputs,
-    epoch_samples,
-    make_batch,
-)
+from diva.student.training.batches import Batch, EncoderOutputs, make_batch
+from diva.student.training.data import epoch_samples
 
 
 def load_lm_head(llm_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:

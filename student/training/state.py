@@ -15,9 +15,7 @@ import torch
 from diva.student.model.network import DiVAStudent
 from diva.student.run_folder import CHECKPOINTS, INFO_FILE, STATE_FILE, WEIGHTS_FILE
 from diva.student.training import distributed
-from diva.student.training.data import (
-    MixPosition,
-)
+from diva.student.training.data import MixPosition
 from diva.student.training.distributed import SINGLE, Dist
 from diva.teacher_cache.index import CacheError
 

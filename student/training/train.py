@@ -85,19 +85,9 @@ from diva.student.run_folder import (
     prune_checkpoints,
 )
 from diva.student.training import distributed
+from diva.student.training.batches import AnswerSpec, Batch, EncoderOutputs, encoder_rows_within, make_batch
 from diva.student.training.caches import check_answers, check_mixable, open_cache, open_online_teacher
-from diva.student.training.data import (
-    AnswerSpec,
-    Batch,
-    DataPosition,
-    EncoderOutputs,
-    MixPosition,
-    TrainBatches,
-    TrainLoader,
-    encoder_rows_within,
-    make_batch,
-    mixed_mean_h_t,
-)
+from diva.student.training.data import DataPosition, MixPosition, TrainBatches, TrainLoader, mixed_mean_h_t
 from diva.student.training.distributed import SINGLE, Dist
 from diva.student.training.heldout import HeldOut, load_lm_head
 from diva.student.training.state import (
