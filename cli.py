@@ -836,7 +836,8 @@ def eval_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from diva.manifests.store import write_json_atomic
-    from diva.student.eval.evaluate import evaluate_answers, report_notes, table_rows
+    from diva.student.eval.evaluate import evaluate_answers
+    from diva.student.eval.render import report_notes, table_rows
 
     model_dir = _model_dir(model)
     names = [s.strip() for s in systems.split(",") if s.strip()]
@@ -966,7 +967,7 @@ def ask_command(
     device: DeviceOpt = "auto",
 ) -> None:
     """Answer one held-out spoken question twice: the teacher reading its transcript, the student hearing it."""
-    from diva.student.eval.evaluate import spoken_question
+    from diva.student.eval.ask import spoken_question
 
     try:
         result = spoken_question(_model_dir(model), manifest, utt_id, max_new_tokens, device)

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from diva.audio import load_audio
 from diva.cli import app
 from diva.manifests.store import read_manifest
-from diva.student.eval.evaluate import METRICS, length_batches, render_markdown
+from diva.student.eval.evaluate import METRICS, length_batches
+from diva.student.eval.render import render_markdown
 from diva.student.eval.report import build_report
 from diva.student.inference.checkpoint import load_pretrained, load_processors
 from diva.student.inference.generate import generate

@@ -128,7 +128,7 @@ def test_projection_init_embeddings_gives_tokens_like_the_llms_embeddings(
 
 
 def test_gelu_rms_matches_sampling() -> None:
-    from diva.student.model.network import gelu_rms
+    from diva.student.model.projection_init import gelu_rms
 
     z = torch.randn(400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for std in (0.3, 1.0, 5.0):
@@ -420,7 +420,7 @@ def test_projection_init_whisper_vocab_ranks_the_shared_tokens_as_whispers_outpu
     the LLM score the shared tokens exactly as Whisper's output layer does: its best token is Whisper's."""
     from torch import nn
 
-    from diva.student.model.network import (
+    from diva.student.model.projection_init import (
         init_projection_from_whisper_vocab,
         init_projection_to_embeddings,
         shared_vocabulary,
@@ -458,7 +458,7 @@ def test_projection_init_whisper_vocab_on_the_real_models_reads_whispers_words(
     from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     from diva.audio import load_audio
-    from diva.student.model.network import shared_vocabulary
+    from diva.student.model.projection_init import shared_vocabulary
     from diva.teacher_cache.prompt import build_prompt
 
     prompt = build_prompt(AutoTokenizer.from_pretrained(smollm2))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from diva.config import ConfigError
-from diva.student.eval.evaluate import COLUMNS
+from diva.student.eval.render import COLUMNS
 
 ANSWER_ON = ("student.answer_weight=1",)
 

@@ -51,7 +51,6 @@ from diva.manifests.store import read_manifest
 from diva.student.inference.answer import utterance_audio
 from diva.student.inference.generate import (
     SAMPLE_RATE,
-    audio_rows,
     audio_tokens_per_clip,
     decode_steps,
     eos_token_ids,
@@ -245,7 +244,7 @@ def length_batches(durations: Sequence[float], batch_size: int) -> list[list[int
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def _load(row: int, utt: Utterance) -> np.ndarray:
+def row_audio(row: int, utt: Utterance) -> np.ndarray:
     try:
         return utterance_audio(utt)
     except AudioError as e:
@@ -318,7 +317,7 @@ def evaluate_answers(
     for batch_pos in length_batches([utt.duration_s for _, utt in scored], batch_size):
         batch = [scored[i] for i in batch_pos]
         utts = [utt for _, utt in batch]
-        audios = [_load(row, utt) for row, utt in batch]
+        audios = [row_audio(row, utt) for row, utt in batch]
         texts = [utt.text for utt in utts]
         text_ids = [transcript_ids(tokenizer, t) for t in texts]
         row_ids |= dict(zip(batch_pos, text_ids, strict=True))
@@ -413,116 +412,3 @@ def evaluate_answers(
     report["examples"] = rows_out[:N_EXAMPLES]
     report["rows"] = rows_out  # every scored row: id, transcript, each system's answer (and Whisper's transcript)
     return report
-
-
-# --- rendering ------------------------------------------------------------------------------------------------
-
-COLUMNS = {
-    "cosine": "cos(h, h_T)",
-    "top1_agree": "top-1 agree",
-    "answer_top1": "answer top-1",
-    "kl": "KL(T‖S)",  # not "||": a markdown table would split the cell
-    "identical": "identical",
-    "first4": "first 4",
-    "first8": "first 8",
-    "answer_f1": "answer F1",
-    "prefix_tokens": "prefix (tokens)",
-    "prefix_frac": "prefix (frac)",
-    "align_acc": "align acc",
-}
-
-
-def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The report's per-system table: header and rows of formatted cells (for markdown and the CLI's table); a
-    metric an older report lacks reads n/a."""
-    header = ["system", *COLUMNS.values()]
-    rows = [[name, *(f"{metrics[k]:.3f}" if k in metrics else "n/a" for k in COLUMNS)]
-            for name, metrics in report["systems"].items()]  # fmt: skip
-    return header, rows
-
-
-def report_notes(report: dict[str, Any]) -> list[str]:
-    """The lines that go under the table: n, skipped rows, what the answer columns count, the cascade's WER, the
-    blind control's same-text pairs."""
-    notes = [f"n = {report['n']} rows with a transcript ({report['skipped']} without one skipped); answers up to "
-             f"{report['max_new_tokens']} tokens, greedy"]  # fmt: skip
-    notes.append("identical: whole answer equal to the teacher's; first 4 / first 8: starts with the teacher's first "
-                 "4 / 8 tokens; answer F1: token-overlap F1; prefix: tokens shared from the start (and their share "
-                 "of the teacher's answer)")  # fmt: skip
-    if "cascade_wer" in report:
-        notes.append(f"cascade: Whisper's transcripts have WER {report['cascade_wer']:.3f}")
-    if "blind_same_text" in report:
-        notes.append(f"blind: {report['blind_same_text']:.3f} of the pairs have identical transcripts")
-    if "align_constant" in report:
-        notes.append(f"align acc: the share of aligned audio-token slots whose best vocabulary token (v E^T) is the "
-                     "transcript's; one token guessed in every slot (the commonest aligned transcript token) scores "
-                     f"{report['align_constant']:.3f}")  # fmt: skip
-    return notes
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The report as a markdown table followed by its notes."""
-    header, rows = table_rows(report)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join([*lines, "", *(f"- {note}" for note in report_notes(report))]) + "\n"
-
-
-# --- one spoken question ------------------------------------------------------------------------------------
-
-
-def pick_question(manifest_dir: Path, utt_id: str | None = None) -> tuple[int, Utterance]:
-    """The row `utt_id`, else the manifest's first row whose transcript is a question (ends with '?'), else its
-    first row with a transcript."""
-    first = None
-    for row, utt in enumerate(read_manifest(manifest_dir), start=1):
-        if utt_id is not None:
-            if utt.id == utt_id:
-                return row, utt
-            continue
-        if utt.text.strip().endswith("?"):
-            return row, utt
-        if first is None and utt.text.strip():
-            first = (row, utt)
-    if utt_id is not None:
-        raise EvalError(f"{manifest_dir}: no row with id {utt_id!r}")
-    if first is None:
-        raise EvalError(f"{manifest_dir}: no row with a transcript")
-    return first
-
-
-def spoken_question(
-    model_dir: str | Path,
-    manifest_dir: str | Path,
-    utt_id: str | None = None,
-    max_new_tokens: int = 64,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """One held-out spoken question answered twice: by the teacher reading its transcript and by the student
-    hearing it (both greedy). Returns {id, audio, transcript, teacher, student, seconds}."""
-    import time
-
-    from diva.runtime import resolve_device
-    from diva.student.inference.checkpoint import load_pretrained, load_processors
-
-    row, utt = pick_question(Path(manifest_dir), utt_id)
-    torch_device = resolve_device(device)
-    student, info = load_pretrained(model_dir, device=torch_device)
-    tokenizer, feature_extractor = load_processors(info)
-    stop_ids = eos_token_ids(info.llm_dir, tokenizer)
-    audio = _load(row, utt)
-    teacher_ids = teacher_input_ids(info.prompt, transcript_ids(tokenizer, utt.text))
-    _, teacher = run_rows(student, token_rows(student, [teacher_ids]), stop_ids, max_new_tokens)
-    started = time.perf_counter()
-    rows = audio_rows(student, [audio], student.prefix_ids, student.suffix_ids, feature_extractor,
-                      info.student_cfg.trim_mel)  # fmt: skip
-    _, answer = run_rows(student, rows, stop_ids, max_new_tokens)
-    return {
-        "id": utt.id,
-        "audio": utt.audio,
-        "duration_s": len(audio) / SAMPLE_RATE,
-        "transcript": utt.text,
-        "teacher": tokenizer.decode(teacher[0], skip_special_tokens=True).strip(),
-        "student": tokenizer.decode(answer[0], skip_special_tokens=True).strip(),
-        "student_seconds": time.perf_counter() - started,
-    }

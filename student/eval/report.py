@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from diva import __version__
-from diva.student.eval.evaluate import COLUMNS, SYSTEMS, EvalError, evaluate_answers, render_markdown
+from diva.student.eval.evaluate import SYSTEMS, EvalError, evaluate_answers
+from diva.student.eval.render import COLUMNS, render_markdown
 from diva.student.eval.stats import LEVEL, RESAMPLES, interval_verdict, paired_bootstrap
 
 REPORT_MD = "report.md"
