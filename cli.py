@@ -869,7 +869,7 @@ def export_command(
     model: ModelOpt = None,
 ) -> None:
     """Save a trained student as a self-describing folder (config.json naming the base Whisper and LLM with their
-    weight checksums and the prompt ids, model.safetensors with the trained weights), loadable without the run
+    weight checksums and the prompt ids, trainable.safetensors with the trained weights), loadable without the run
     or its cache: `diva chat --model OUT_DIR`."""
     from diva.student.inference.checkpoint import export_pretrained
 

@@ -74,7 +74,7 @@ def test_saved_folder_holds_config_and_weights(saved) -> None:
     assert {"path", "weights_sha256"} <= set(config["llm"]) and {"path", "weights_sha256"} <= set(config["whisper"])
     assert config["prompt"]["prefix_ids"] == student.prefix_ids.tolist()
     assert config["prompt"]["suffix_text"] and config["student"]["num_queries"] == 8
-    assert set(load_file(str(folder / "model.safetensors"))) == set(student.trainable_state_dict())
+    assert set(load_file(str(folder / "trainable.safetensors"))) == set(student.trainable_state_dict())
 
 
 def test_round_trip_gives_identical_h_s(saved, loaded, clips) -> None:
@@ -248,3 +248,13 @@ def test_generate_featurises_as_the_student_was_trained(
     list(gen.stream_generate(loaded, audio, max_new_tokens=2, tokenizer=tokenizer, feature_extractor=fe))
     generate(loaded, [audio], max_new_tokens=2, tokenizer=tokenizer, feature_extractor=fe, trim_mel=True)
     assert seen == [False, False, True]
+
+
+def test_an_export_from_before_the_one_weights_name_still_loads(saved, tmp_path: Path) -> None:
+    """Exports now write trainable.safetensors, as run checkpoints do; an older export's model.safetensors loads."""
+    folder, student = saved
+    old = shutil.copytree(folder, tmp_path / "old")
+    (old / "trainable.safetensors").rename(old / "model.safetensors")
+    loaded, _ = load_pretrained(old)
+    for key, value in student.trainable_state_dict().items():
+        assert torch.equal(loaded.trainable_state_dict()[key], value), key

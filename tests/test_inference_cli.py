@@ -121,7 +121,7 @@ def test_chat_streams_the_generate_answer_from_a_file_and_stdin(run: dict, loade
 def test_export_gives_a_folder_that_answers_the_same(run: dict, tmp_path: Path) -> None:
     exported = tmp_path / "student"
     _invoke(["export", "--model", str(run["dir"]), "-o", str(exported)])
-    assert {p.name for p in exported.iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in exported.iterdir()} == {"config.json", "trainable.safetensors"}
     ask = ["chat", str(run["clip"]), "--max-new-tokens", str(MAX_NEW), "--device", "cpu"]
     assert _invoke([*ask, "--model", str(exported)]).stdout == _invoke([*ask, "--model", str(run["dir"])]).stdout
 

@@ -3,7 +3,9 @@
     save_pretrained(student, out_dir, ...) -> out_dir/config.json   the base Whisper and LLM (path AND weight
                                                                     checksum), the prompt ids and texts, the
                                                                     StudentConfig
-                                           -> out_dir/model.safetensors   the trainable weights only
+                                           -> out_dir/trainable.safetensors   the trainable weights only
+                                              (the run checkpoints' file name; an older export's
+                                              model.safetensors still loads)
     load_pretrained(path) -> (DiVAStudent with the LLM's lm_head, StudentInfo)
 
 `load_pretrained` also takes a `diva train` run folder: its config.yaml names the Whisper and LLM folders, the
@@ -30,12 +32,13 @@ from diva import __version__
 from diva.config import StudentConfig, from_dict, load_config, to_dict
 from diva.errors import UserError
 from diva.student.model.network import DiVAStudent
+from diva.student.run_folder import WEIGHTS_FILE
 from diva.teacher_cache.prompt import PromptSpec
 from diva.zoo.checksum import checksum_matches, weights_checksum
 
 FORMAT = "diva-student-v1"
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+OLD_WEIGHTS_FILE = "model.safetensors"  # exports written before the one name (run_folder.WEIGHTS_FILE)
 
 
 class CheckpointError(UserError):
@@ -69,7 +72,7 @@ def save_pretrained(
     prompt: PromptSpec,
     student_cfg: StudentConfig,
 ) -> Path:
-    """Write config.json + model.safetensors (trainable weights) under a temporary name, then rename."""
+    """Write config.json + trainable.safetensors (trainable weights) under a temporary name, then rename."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -131,11 +134,11 @@ def _read_pretrained(path: Path, whisper_dir: Path | None, llm_dir: Path | None)
         whisper_checksum=_check_checksum("Whisper", whisper, config["whisper"]["weights_sha256"], path),
         whisper_verified=True,
     )
-    return info, path / WEIGHTS_FILE
+    weights = path / WEIGHTS_FILE
+    return info, weights if weights.is_file() or not (path / OLD_WEIGHTS_FILE).is_file() else path / OLD_WEIGHTS_FILE
 
 
 def _read_run(path: Path, whisper_dir: Path | None, llm_dir: Path | None) -> tuple[StudentInfo, Path]:
-    from diva.student.run_folder import WEIGHTS_FILE as RUN_WEIGHTS
     from diva.student.run_folder import TrainRun, list_checkpoints
     from diva.teacher_cache.index import CacheError, read_index
 
@@ -172,7 +175,7 @@ def _read_run(path: Path, whisper_dir: Path | None, llm_dir: Path | None) -> tup
         whisper_verified=bool(run.whisper_checksum),
         step=int(json.loads((latest / "checkpoint.json").read_text())["step"]),
     )
-    return info, latest / RUN_WEIGHTS
+    return info, latest / WEIGHTS_FILE
 
 
 def load_pretrained(
