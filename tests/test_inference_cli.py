@@ -154,7 +154,8 @@ def test_eval_scores_rows_with_a_transcript(run: dict, loaded, tmp_path: Path) -
     assert set(report["per_row"]) == set(report["systems"])
     for name, per_row in report["per_row"].items():  # every row's score, in manifest order; the table averages them
         fed_audio = {"align_acc"} if name in ("student", "blind", "floor") else set()  # the cascade gets text
-        assert set(per_row) == set(METRICS) | fed_audio == set(report["systems"][name])
+        assert set(per_row) == set(METRICS) | {"answer_top1"} | fed_audio == set(report["systems"][name])
+        assert all(0 <= x <= 1 for x in per_row["answer_top1"])
         for key, values in per_row.items():
             assert len(values) == 4 and report["systems"][name][key] == pytest.approx(sum(values) / 4, rel=1e-12)
         for row in zip(per_row["identical"], per_row["first8"], per_row["first4"], strict=True):

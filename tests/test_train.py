@@ -281,7 +281,8 @@ def test_trained_student_against_the_audio_blind_control(caches, tiny_whisper, t
     )
     print("\nheld-out:", {k: round(held_out[k], 4) for k in keys})
     print("seen:    ", {k: round(seen[k], 4) for k in keys})
-    assert seen["blind_same_text"] == 0  # every borrowed clip says another digit
+    # the report's random pairing over the 20 clips (5 digits x 4 speakers): a few borrowed clips say the same digit
+    assert seen["blind_same_text"] <= 0.25
     assert seen["distill"] < 0.9 * seen["blind_distill"], seen
     assert seen["distill"] < seen["mean_ht_distill"], seen
 

@@ -72,8 +72,9 @@ def compare(
 
 def gap_closed(systems: dict[str, dict[str, float]], key: str) -> float | None:
     """How far the student goes from the floor to the cascade on `key`: 0 = floor, 1 = cascade."""
-    if not {"student", "floor", "cascade"} <= set(systems):
-        return None
+    ends = ("student", "floor", "cascade")
+    if not set(ends) <= set(systems) or any(key not in systems[name] for name in ends):
+        return None  # a system not scored, or a metric an older evaluation lacks
     span = systems["cascade"][key] - systems["floor"][key]
     return None if abs(span) < 1e-12 else (systems["student"][key] - systems["floor"][key]) / span
 
