@@ -54,7 +54,10 @@ def without_stale_quantization(teacher: Path, tmp: Path) -> tuple[Path, bool]:
 
 def time_backend(name: str, teacher: Path, inputs: list[list[int]], batch: int, warmup: int) -> dict:
     start = time.perf_counter()
-    backend = open_backend(name, teacher, dtype="auto", batch_size=batch)
+    if name == "hf_full_prompt":  # the hf backend running every prompt token of every row (no prefix reuse)
+        backend = open_backend("hf", teacher, dtype="auto", batch_size=batch, reuse_prefix=False)
+    else:
+        backend = open_backend(name, teacher, dtype="auto", batch_size=batch)
     opened = time.perf_counter() - start
     try:
         backend.final_hidden(inputs[:warmup])
@@ -72,11 +75,12 @@ def main() -> None:
     parser.add_argument("--teacher", default="smollm2-135m-instruct")
     parser.add_argument("-n", type=int, default=256, help="transcripts (the manifest's first n)")
     parser.add_argument("--batch", type=int, default=32, help="the hf backend's batch size (cache.batch_size)")
-    parser.add_argument("--backends", default="naive,hf,vllm")
+    parser.add_argument("--backends", default="naive,hf_full_prompt,hf,vllm",
+                        help="naive (the reference), hf_full_prompt (hf without the prompt prefix run once), hf, vllm")
     parser.add_argument("--quick", action="store_true", help="32 transcripts, no vllm")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    n, backends = (32, ["naive", "hf"]) if args.quick else (args.n, args.backends.split(","))
+    n, backends = (32, ["naive", "hf_full_prompt", "hf"]) if args.quick else (args.n, args.backends.split(","))
     from transformers import AutoTokenizer
 
     teacher = resolve_model(args.teacher)
@@ -128,6 +132,15 @@ def main() -> None:
         for b in ("hf", "vllm")
         if b in by and "naive" in by
     ]
+    if "hf" in by and "hf_full_prompt" in by:  # what running the shared prompt prefix once buys
+        report["summary"].append(
+            headline(
+                "teacher throughput, hf with the prompt prefix once (transcript tokens/s)",
+                f"{by['hf']['transcript_tokens_per_s']}",
+                f"every prompt token {by['hf_full_prompt']['transcript_tokens_per_s']}",
+                by["hf"]["transcript_tokens_per_s"] / by["hf_full_prompt"]["transcript_tokens_per_s"],
+            )
+        )
     if "vllm" in by:
         report["summary"].append(
             headline(

@@ -233,3 +233,23 @@ def test_ids_with_dots_and_slashes_round_trip(manifest, tiny_llama, tmp_path: Pa
     assert read_index(tmp_path / "c")["rows"] == 6
     ids = [s["id"] for path in shard_paths(tmp_path / "c", "tar") for s in read_shard(path, "float32")]
     assert sorted(ids) == sorted(r["id"] for r in records)
+
+
+def test_the_hf_teacher_runs_the_shared_prompt_prefix_once(tiny_llama: Path) -> None:
+    """reuse_prefix: the rows' shared leading tokens run once, their keys/values serve every row; h_T equals the
+    full forward's (float32, 1e-5) for rows of different lengths, and batches without a shared prefix still work."""
+    from diva.teacher_cache.backends.hf import HFTeacher, common_prefix
+
+    prompt = list(range(40, 60))  # 20 shared tokens, as SmolLM2's system turn
+    rows = [prompt + [100, 101, 102], prompt + [7], prompt + [300 + i for i in range(9)], [5, 6, 7]]
+    assert common_prefix(rows[:3]) == 20 and common_prefix(rows) == 0 and common_prefix([[1, 2], [1, 2]]) == 1
+    full = HFTeacher(tiny_llama, dtype="float32", batch_size=8, device="cpu", reuse_prefix=False)
+    reused = HFTeacher(tiny_llama, dtype="float32", batch_size=8, device="cpu")
+    for batch in (rows[:3], rows, [rows[1]]):
+        for a, b in zip(full.final_hidden(batch), reused.final_hidden(batch), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    calls = []
+    handle = reused.model.layers[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    reused.final_hidden(rows[:3])
+    handle.remove()
+    assert calls == [20, 9]  # the prefix once (batch 1), then only each row's own tokens (the longest: 9)

@@ -40,7 +40,9 @@ def open_backend(name: str, model_dir: Path, dtype: str = "float32", batch_size:
     if name in ("hf", "naive"):
         from diva.teacher_cache.backends.hf import HFTeacher
 
-        return HFTeacher(model_dir, dtype=dtype, batch_size=1 if name == "naive" else batch_size, **kwargs)
+        naive = name == "naive"  # the reference: one utterance at a time, every token of it
+        kwargs.setdefault("reuse_prefix", not naive)
+        return HFTeacher(model_dir, dtype=dtype, batch_size=1 if naive else batch_size, **kwargs)
     if name == "vllm":
         from diva.teacher_cache.backends.vllm import VLLMTeacher
 

@@ -18,10 +18,19 @@ class HFTeacher:
     """Final hidden states from a transformers causal LM, in length-sorted, right-padded batches.
 
     With right padding and causal attention, pad positions come after every real token, so they never
-    touch a real position's hidden state; h_T is read at each sequence's own last real position.
+    touch a real position's hidden state; h_T is read at each sequence's own last real position. With
+    `reuse_prefix` (default) the tokens every row of a batch starts with (the prompt's constant prefix) are run
+    once: their keys/values serve every row (the student's `reuse_prefix_kv` does the same on the audio side).
     """
 
-    def __init__(self, model_dir: Path, dtype: str = "float32", batch_size: int = 32, device: str = "auto") -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: str = "float32",
+        batch_size: int = 32,
+        device: str = "auto",
+        reuse_prefix: bool = True,
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
         self.device = resolve_device(device)
@@ -31,9 +40,13 @@ class HFTeacher:
         self.hidden_size = int(self.causal_lm.config.get_text_config().hidden_size)
         self.pad_id = 0
         self.batch_size = batch_size
+        self.reuse_prefix = reuse_prefix
 
     @torch.inference_mode()
     def _forward(self, batch: list[list[int]]) -> np.ndarray:
+        shared = common_prefix(batch) if self.reuse_prefix else 0
+        if shared >= MIN_SHARED_PREFIX:
+            return self._forward_after_prefix(batch, shared)
         lengths = torch.tensor([len(ids) for ids in batch])
         input_ids = torch.full((len(batch), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, T)
         for row, ids in enumerate(batch):
@@ -43,6 +56,28 @@ class HFTeacher:
             input_ids=input_ids.to(self.device), attention_mask=mask.long().to(self.device)
         ).last_hidden_state  # (B, T, d), after the final norm
         last = hidden[torch.arange(len(batch)), (lengths - 1).to(self.device)]  # (B, d)
+        return last.float().cpu().numpy()
+
+    def _forward_after_prefix(self, batch: list[list[int]], shared: int) -> np.ndarray:
+        """h_T of rows that all start with the same `shared` tokens (the chat template's system turn and the user
+        turn's opening): those tokens' keys/values are computed once, for one row, repeated over the batch, and
+        only each row's rest (transcript and suffix, right-padded) runs on top of them."""
+        prefix = torch.tensor([batch[0][:shared]], device=self.device)  # (1, P)
+        cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(batch))
+        rest = [ids[shared:] for ids in batch]
+        lengths = torch.tensor([len(ids) for ids in rest])
+        input_ids = torch.full((len(rest), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, T)
+        for row, ids in enumerate(rest):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]  # (B, T), True on real tokens
+        full_mask = torch.cat([torch.ones(len(rest), shared, dtype=torch.bool), mask], dim=1)  # (B, P + T)
+        positions = shared + torch.arange(input_ids.shape[1])[None, :].expand(len(rest), -1)  # (B, T)
+        hidden = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=full_mask.long().to(self.device),
+            position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+        ).last_hidden_state  # (B, T, d), after the final norm  # fmt: skip
+        last = hidden[torch.arange(len(rest)), (lengths - 1).to(self.device)]  # (B, d)
         return last.float().cpu().numpy()
 
     def final_hidden(self, batch: list[list[int]]) -> list[np.ndarray]:
@@ -112,6 +147,20 @@ class HFTeacher:
 
     def close(self) -> None:
         del self.model, self.causal_lm
+
+
+MIN_SHARED_PREFIX = 4  # fewer shared tokens: the extra pass costs more than it saves
+
+
+def common_prefix(batch: list[list[int]]) -> int:
+    """How many leading tokens every row shares, leaving each row at least one token of its own (the one whose
+    hidden state is read)."""
+    limit = min(len(ids) for ids in batch) - 1
+    first = batch[0]
+    for k in range(max(0, limit)):
+        if any(ids[k] != first[k] for ids in batch):
+            return k
+    return max(0, limit)
 
 
 def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
