@@ -38,6 +38,7 @@ from diva.teacher_cache.index import (
 from diva.teacher_cache.plan import ShardPlan, count_rows, iter_shards, manifest_sha256
 from diva.teacher_cache.prompt import PromptSpec, build_prompt, eos_token_ids, teacher_input_ids
 from diva.teacher_cache.write import Answer, TeacherRow, logprob_dtype, shard_is_complete, to_stored, write_shard
+from diva.zoo.checksum import checksum_matches
 
 FAULT_ENV = "DIVA_CACHE_FAULT"  # "after_shard:K", "mid_shard:K" or "before_index": die there (tests)
 
@@ -153,6 +154,19 @@ def answer_is_finite(answer: Answer) -> bool:
     return all(np.isfinite(a).all() for a in arrays)
 
 
+def _recorded_checksum_kept(out_dir: Path, fingerprint: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
+    """A folder begun before weight checksum v2 records the v1 checksum of the same teacher: keep that value, so
+    the build resumes (or finds nothing to do) instead of refusing its own cache. Another teacher still differs."""
+    path = out_dir / PLAN_FILE
+    if not path.is_file():
+        return fingerprint
+    recorded = json.loads(path.read_text(encoding="utf-8")).get("fingerprint", {}).get("teacher_weights_sha256")
+    current = fingerprint["teacher_weights_sha256"]
+    if recorded and recorded != current and checksum_matches(teacher_dir, recorded):
+        return {**fingerprint, "teacher_weights_sha256": recorded}
+    return fingerprint
+
+
 def _check_plan(out_dir: Path, plan_record: dict[str, Any]) -> None:
     """Write plan.json on the first run; refuse to mix a different build into an existing folder."""
     path = out_dir / PLAN_FILE
@@ -209,6 +223,7 @@ def build_cache(
     table = embedding_table(teacher_dir)
     stop_ids = eos_token_ids(teacher_dir, tokenizer) if cfg.answer_tokens else []
     fingerprint = fingerprint_of(teacher_dir, prompt, cfg, int(table.shape[1]), manifest_sha256(manifest), stop_ids)
+    fingerprint = _recorded_checksum_kept(out_dir, fingerprint, teacher_dir)
     plan = ShardPlan(rows=count_rows(manifest), shard_size=cfg.shard_size)
     _check_plan(
         out_dir,

@@ -253,3 +253,25 @@ def test_the_hf_teacher_runs_the_shared_prompt_prefix_once(tiny_llama: Path) -> 
     reused.final_hidden(rows[:3])
     handle.remove()
     assert calls == [20, 9]  # the prefix once (batch 1), then only each row's own tokens (the longest: 9)
+
+
+def test_a_cache_from_before_checksum_v2_is_resumed_not_refused(clean_cache, manifest, tiny_llama, tmp_path) -> None:
+    """A folder whose plan and index record the v1 weight checksum of the same teacher (a cache built before v2):
+    building it again finds nothing to do and keeps that record; another teacher's checksum is still refused."""
+    from diva.zoo.checksum import weights_checksum
+
+    out = tmp_path / "old"
+    shutil.copytree(clean_cache, out)
+    v1 = weights_checksum(tiny_llama, "v1")
+    for name in ("plan.json", "index.json"):
+        record = json.loads((out / name).read_text())
+        record["fingerprint"]["teacher_weights_sha256"] = v1
+        (out / name).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    cfg = _cfg()
+    result = build_cache(manifest, out, tiny_llama, cfg.cache, cfg.runtime)
+    assert result.written == [] and read_index(out)["fingerprint"]["teacher_weights_sha256"] == v1
+    plan = json.loads((out / "plan.json").read_text())
+    plan["fingerprint"]["teacher_weights_sha256"] = "0" * 64
+    (out / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(CacheError, match="teacher_weights_sha256 differ"):
+        build_cache(manifest, out, tiny_llama, cfg.cache, cfg.runtime)
