@@ -1,7 +1,7 @@
 """The trainer's input pipeline (samples/s) against the rate the training step consumes, and torch log-mel
 against transformers' WhisperFeatureExtractor, in one run.
 
-Pipeline: `student.data.TrainBatches` in this process (what one DataLoader worker does): read the tar shards,
+Pipeline: `student.training.data.TrainBatches` in this process (what one DataLoader worker does): read the tar shards,
 decode the samples, decode and resample the audio to 16 kHz, log-mel (trimmed as the demo preset trains),
 for `--batches` batches without encoder-output reuse (every row featurised, as in a first epoch). The step's
 rate comes from bench/results/train_cost.json (the variant with the same mel trimming and prefix K/V reuse);

@@ -288,8 +288,8 @@ def test_trained_student_against_the_audio_blind_control(caches, tiny_whisper, t
 
 
 def test_held_out_blind_control_pairs_rows_as_the_report_does(caches, tiny_whisper, tiny_llama) -> None:
-    """The trainer's audio-blind control: row i scored with row partner[i]'s h_S (stats.blind_partners over all the
-    held-out rows, across batches): batches of one row never pair a row with itself."""
+    """The trainer's audio-blind control: row i scored with row partner[i]'s h_S (model.metrics.blind_partners over
+    all the held-out rows, across batches): batches of one row never pair a row with itself."""
     from transformers import WhisperFeatureExtractor
 
     from diva.student.model.metrics import blind_partners, prediction_scores

@@ -1,5 +1,5 @@
-"""X-OPD (student.xopd): the teacher's and the student's answer log-probs against a plain transformers forward (left
-padding, the prefix K/V reuse), the greedy rollout is the argmax of the student's own log-probs at every position,
+"""X-OPD (student.training.xopd): the teacher's and the student's answer log-probs against a plain transformers forward
+(left padding, the prefix K/V reuse), the greedy rollout is the argmax of the student's own log-probs at every position,
 speech tokens equal to the transcript's embeddings score zero, masking after the stop id, and the loss trains the
 audio side; the trainer runs it as a second stage from a trained run and resumes it exactly."""
 

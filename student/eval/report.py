@@ -3,7 +3,7 @@
     metrics.jsonl --> curves_train.png (loss, L_distill, L_align by step)
                   --> curves_eval.png (held-out L_distill and top-1 agreement: student, audio-blind, mean-h_T)
     for each evaluation set (held-out synthetic speech; real recordings where given):
-        student.evaluate.evaluate_answers(systems: student, floor, blind, cascade) --> one table per set
+        eval.evaluate.evaluate_answers(systems: student, floor, blind, cascade) --> one table per set
     --> report.md (tables, notes, verdicts and their intervals, example answers, the plots), report.json (all
         numbers, every row's scores, what made them)
 
@@ -11,7 +11,7 @@
 prefix, and lower KL. The report states, per set, whether the student beats the floor (the untrained student)
 and the audio-blind control on every metric, and how much of the way from the floor to the cascade (Whisper's
 transcript fed to the teacher) it goes. A verdict is not a comparison of means: per metric, the rows' paired
-differences (student - floor, student - blind) are bootstrapped (student.stats), and the student is better only
+differences (student - floor, student - blind) are bootstrapped (eval.stats), and the student is better only
 when the 95% interval of the mean difference is above 0, worse when below, else tied (not distinguishable).
 A report whose inputs (run step, sets, sizes, bootstrap) did not change is not recomputed.
 """

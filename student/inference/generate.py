@@ -257,7 +257,7 @@ def split_at_stop(steps: Sequence[Sequence[int]], stop_ids: Sequence[int]) -> tu
 
 def _check(student: DiVAStudent, do_sample: bool, temperature: float, top_p: float) -> None:
     if student.lm_head is None:
-        raise ValueError("this student has no lm_head; load it with student.checkpoint.load_pretrained")
+        raise ValueError("this student has no lm_head; load it with student.inference.checkpoint.load_pretrained")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise UserError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
 

@@ -32,7 +32,7 @@ def evaluate(
     student: DiVAStudent, batches: list[Batch], student_cfg: StudentConfig, lm_head: nn.Module, h_t_mean: torch.Tensor
 ) -> dict[str, float]:
     """Held-out scores of the student, of the audio-blind control (each row fed another row's audio, scored against
-    its own h_T: the report's seeded pairing `stats.blind_partners` over all the held-out rows, never a row with
+    its own h_T: the report's seeded pairing `model.metrics.blind_partners` over all the held-out rows, never a row with
     itself; the student's h_S for a clip does not depend on the row it is scored for, so the control re-scores the
     h_S already computed) and of the mean-h_T predictor (the train set's mean
     h_T as h_S for every row). `blind_same_text` is the fraction of rows whose borrowed audio says the same

@@ -13,15 +13,15 @@ would (bitwise on CPU, with encoder-output reuse off: reused outputs are compute
 utterance first appears in, and a different batch shape can round differently).
 
 Under torchrun (`torchrun --nproc_per_node N -m diva.cli train ...`) each rank trains on its share of the
-stream (`data.rank_stream`), gradients are averaged over the ranks every step (`student.distributed`), every
-rank runs exactly `steps` steps (the stream is endless, so uneven shares cannot hang), the logged losses are
+stream (`data.rank_stream`), gradients are averaged over the ranks every step (`training.distributed`: torch
+DDP), every rank runs exactly `steps` steps (the stream is endless, so uneven shares cannot hang), the logged losses are
 means over the ranks, and only rank 0 writes the config, metrics, TensorBoard and checkpoints. A checkpoint
 records the world size and every rank's RNG state; resuming needs the same world size.
 
 Input pipeline: `train.num_workers` DataLoader worker processes read the shards, decode and resample the audio
 and compute the log-mel (`data.TrainBatches`; 0: in the training process); the frozen encoder, the student and
 the losses run in the main process. The batches and their order do not depend on the worker count (see
-`student.data`), so the losses are the same with or without workers and a run may resume with another count
+`training.data`), so the losses are the same with or without workers and a run may resume with another count
 (the checkpoint records the count, for the record only). The workers stop when the run ends or fails.
 
 `train.gradient_checkpointing` recomputes each Q-Former and LLM layer's activations in the backward instead of
@@ -32,7 +32,7 @@ Several training caches mix by weight (`data.mixed_stream`): they must agree on 
 position plus the draw count (a checkpoint of one cache from before mixing still loads).
 
 `train.teacher: online` recomputes h_T inside each step with the transformers teacher on the student's LLM
-(`data.OnlineTeacher`, from the same `teacher_input_ids` the cache build uses): the no-cache baseline. The
+(`batches.OnlineTeacher`, from the same `teacher_input_ids` the cache build uses): the no-cache baseline. The
 cache still supplies the audio, transcripts and alignment targets (a cacheless manifest reader is not done),
 and held-out evaluation still reads h_T from the eval cache.
 
@@ -47,9 +47,9 @@ rank runs the held-out evaluation (the forward's gathers need them all); rank 0 
 gloo (two processes); not yet run on CUDA/nccl here.
 
 Whole-answer targets (`student.answer_weight` > 0, on a cache built with `cache.answer_tokens` > 0): the batch
-carries the teacher's answers and their targets (`data.AnswerBatch`), the student's one forward reads
+carries the teacher's answers and their targets (`losses.AnswerBatch`), the student's one forward reads
 embed(answer[:-1]) after the suffix, and `losses.answer_loss` scores every answer position (l2 / kl / ce); the
-cache must hold the targets the loss reads (`check_answers`), several caches must agree on the answer settings,
+cache must hold the targets the loss reads (`caches.check_answers`), several caches must agree on the answer settings,
 and the online teacher recomputes the same targets from the cache's answer settings.
 
 Seams left for later: a manifest reader for online mode.
@@ -173,7 +173,7 @@ def train_step(
 ) -> tuple[dict[str, Any], MixPosition]:
     """grad_accum micro-batches, gradients averaged over the ranks, clipping, one AdamW step; returns the step's
     metrics (losses: means over the ranks; align counts: sums) and the data position (the same on every rank).
-    `xopd` adds student.xopd_weight x the X-OPD term (rollouts and the live teacher: `student.xopd`). `step` (0-based)
+    `xopd` adds student.xopd_weight x the X-OPD term (rollouts and the live teacher: `training.xopd`). `step` (0-based)
     below student.align_warmup_steps trains the alignment alone. `forward`: the module the forward goes through (the
     DDP wrapper of a multi-process run, which averages the gradients during the last micro-batch's backward; None:
     the student itself)."""
