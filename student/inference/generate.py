@@ -99,11 +99,13 @@ def num_chunks(num_samples: int, chunk_samples: int = CHUNK_SAMPLES) -> int:
 
 @torch.no_grad()
 def audio_tokens_per_clip(
-    student: DiVAStudent, audios: Sequence[np.ndarray], feature_extractor: Any, trim_mel: bool
+    student: DiVAStudent, audios: Sequence[np.ndarray], feature_extractor: Any, trim_mel: bool | None = None
 ) -> list[torch.Tensor]:
     """(k_b x Q, d_llm) audio tokens for each clip: its 30 s chunks encoded separately, their tokens concatenated.
 
-    Each chunk is featurised alone (a batch changes nothing but zero padding, which the encoder masks)."""
+    Each chunk is featurised alone (a batch changes nothing but zero padding, which the encoder masks). `trim_mel`
+    None: as the student was trained (`DiVAStudent.trim_mel`)."""
+    trim_mel = student.trim_mel if trim_mel is None else trim_mel
     chunks = [split_chunks(np.asarray(a, dtype=np.float32)) for a in audios]
     flat = [c for clip in chunks for c in clip]
     device = student.prefix_ids.device
@@ -182,7 +184,7 @@ def audio_rows(
     prefix_ids: torch.Tensor,
     suffix_ids: torch.Tensor,
     feature_extractor: Any,
-    trim_mel: bool,
+    trim_mel: bool | None = None,
 ) -> list[torch.Tensor]:
     """The LLM input of each clip: [embed(prefix), k_b x Q audio tokens, embed(suffix)], (P + k_b Q + S, d) each."""
     tokens = audio_tokens_per_clip(student, audios, feature_extractor, trim_mel)
@@ -292,7 +294,6 @@ def generate(
         raise UserError("generate needs at least one clip")
     start = time.perf_counter()
     prompt, prefix_ids, suffix_ids = prompt_ids(student, tokenizer, prompt_text, date_string)
-    trim_mel = student.trim_mel if trim_mel is None else trim_mel
     rows = audio_rows(student, audios, prefix_ids, suffix_ids, feature_extractor, trim_mel)
     if eos_ids is None:
         eos_ids = eos_token_ids(tokenizer.name_or_path, tokenizer)
@@ -372,7 +373,6 @@ def stream_generate(
     same tokens as `generate` on this clip alone); the pieces' texts concatenate to generate's text."""
     _check(student, do_sample, temperature, top_p)
     _, prefix_ids, suffix_ids = prompt_ids(student, tokenizer, prompt_text, date_string)
-    trim_mel = student.trim_mel if trim_mel is None else trim_mel
     rows = audio_rows(student, [audio], prefix_ids, suffix_ids, feature_extractor, trim_mel)
     if eos_ids is None:
         eos_ids = eos_token_ids(tokenizer.name_or_path, tokenizer)

@@ -47,11 +47,7 @@ class HFTeacher:
         shared = common_prefix(batch) if self.reuse_prefix else 0
         if shared >= MIN_SHARED_PREFIX:
             return self._forward_after_prefix(batch, shared)
-        lengths = torch.tensor([len(ids) for ids in batch])
-        input_ids = torch.full((len(batch), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, T)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]  # (B, T), True on real tokens
+        input_ids, mask, lengths = self._right_padded(batch)
         hidden = self.model(
             input_ids=input_ids.to(self.device), attention_mask=mask.long().to(self.device)
         ).last_hidden_state  # (B, T, d), after the final norm
@@ -66,11 +62,7 @@ class HFTeacher:
         cache = self.model(input_ids=prefix, use_cache=True).past_key_values
         cache.batch_repeat_interleave(len(batch))
         rest = [ids[shared:] for ids in batch]
-        lengths = torch.tensor([len(ids) for ids in rest])
-        input_ids = torch.full((len(rest), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, T)
-        for row, ids in enumerate(rest):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]  # (B, T), True on real tokens
+        input_ids, mask, lengths = self._right_padded(rest)
         full_mask = torch.cat([torch.ones(len(rest), shared, dtype=torch.bool), mask], dim=1)  # (B, P + T)
         positions = shared + torch.arange(input_ids.shape[1])[None, :].expand(len(rest), -1)  # (B, T)
         hidden = self.model(
@@ -79,6 +71,14 @@ class HFTeacher:
         ).last_hidden_state  # (B, T, d), after the final norm  # fmt: skip
         last = hidden[torch.arange(len(rest)), (lengths - 1).to(self.device)]  # (B, d)
         return last.float().cpu().numpy()
+
+    def _right_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token rows -> (ids (B, T) right-padded with pad_id, mask (B, T) True on real tokens, lengths (B,))."""
+        lengths = torch.tensor([len(ids) for ids in rows])
+        input_ids = torch.full((len(rows), int(lengths.max())), self.pad_id, dtype=torch.long)
+        for row, ids in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+        return input_ids, torch.arange(input_ids.shape[1])[None, :] < lengths[:, None], lengths
 
     def final_hidden(self, batch: list[list[int]]) -> list[np.ndarray]:
         if any(len(ids) == 0 for ids in batch):
@@ -126,11 +126,7 @@ class HFTeacher:
         inputs = [[*p, *a[:-1]] for p, a in zip(prompts, answers, strict=True)]
         out: list[dict[str, np.ndarray]] = [{} for _ in inputs]
         for chunk in self._batches(inputs):
-            lengths = torch.tensor([len(inputs[i]) for i in chunk])
-            input_ids = torch.full((len(chunk), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, T)
-            for row, i in enumerate(chunk):
-                input_ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
-            mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]  # (B, T) right-padded
+            input_ids, mask, _ = self._right_padded([inputs[i] for i in chunk])
             hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.long().to(self.device)
                                 ).last_hidden_state  # (B, T, d) after the final norm  # fmt: skip
             for row, i in enumerate(chunk):
