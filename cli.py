@@ -495,9 +495,21 @@ def cache_build(
     workers: Annotated[
         int, typer.Option(help="How many workers split the shard plan (shard k -> worker k mod n).")
     ] = 1,
+    reuse: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--reuse",
+            help="An earlier cache (release N when building N+1; repeatable): rows with the same id, transcript, "
+            "audio and teacher settings are copied from it instead of run through the teacher, identical audio "
+            "shards are hard-linked. A format-1 cache (shards/) is converted this way.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Run the teacher once over every transcript of MANIFEST and write OUT: shards/NNNNN.parquet + .tar, then
-    index.json last. Re-running skips complete shards; a killed build resumes and ends byte-identical."""
+    """Run the teacher once over every transcript of MANIFEST and write OUT: audio/NNNNN.tar (the audio and the
+    manifest rows) and teacher/NNNNN.parquet (h_T, ids, embeddings, answers), then index.json last. Re-running skips
+    complete shards; a killed build resumes and ends byte-identical; --reuse runs the teacher on new and changed
+    rows only."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
     from diva.config import ConfigError, load_config, save_config, to_dict
@@ -521,7 +533,7 @@ def cache_build(
         try:
             result = build_cache(
                 manifest, out_dir, teacher_dir, cfg.cache, cfg.runtime, worker, workers, to_dict(cfg),
-                lambda done, total: bar.update(task, completed=done, total=total),
+                lambda done, total: bar.update(task, completed=done, total=total), reuse=list(reuse or []),
             )  # fmt: skip
         except (UserError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
@@ -535,6 +547,11 @@ def cache_build(
         f"{len(result.written)} shards written, {len(result.skipped)} already complete; "
         f"{result.utterances} utterances, {result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s {rate}"
     )
+    if reuse:
+        out.print(
+            f"the teacher ran on {result.rows_computed} rows, {result.rows_reused} were reused; "
+            f"{result.audio_linked} audio shards hard-linked to identical ones"
+        )
     out.print(
         f"index: {out_dir / 'index.json'}"
         if result.index_written

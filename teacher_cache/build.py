@@ -1,12 +1,19 @@
 """The cache build: run the text teacher once over every transcript of a manifest and write shards.
 
-    manifest -> shard plan -> per shard: tokenise, teacher inputs, h_T (one backend call per shard),
-    embeddings lookup, [answers: greedy generate, then one teacher-forced pass for the targets along them],
-    audio bytes -> NNNNN.parquet + NNNNN.tar + NNNNN.json -> index.json (last)
+    manifest -> shard plan -> per shard k:
+        audio bytes (+ sha256) -> audio/NNNNN.tar + .json        (skipped when complete; hard-linked to an
+                                                                   identical tar of a reused cache)
+        tokenise -> rows a reused cache holds (same id, text, audio sha256, teacher key): their stored values
+                 -> the rest: teacher inputs, h_T (one backend call), embeddings lookup, [answers: greedy
+                    generate, then one teacher-forced pass for the targets along them]
+                 -> teacher/NNNNN.parquet + .json
+    -> index.json (last)
 
 A killed build re-run skips complete shards and ends byte-identical to an uninterrupted one; with
 `worker`/`workers` independent processes split the plan (shard k belongs to worker k mod n) and whoever
-finishes the last shard (or `diva cache index`) writes the index.
+finishes the last shard (or `diva cache index`) writes the index. With `reuse` (earlier caches: release N when
+building N+1) only new and changed rows run the teacher, and the result equals a from-scratch build's: reused
+values are copied bit for bit, and the hf teacher's h_T of a row does not depend on the batch it runs in.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +34,10 @@ from diva.audio import RAW_SUFFIXES, AudioError, load_audio, probe
 from diva.config import CacheConfig, RuntimeConfig
 from diva.manifests.record import Utterance
 from diva.teacher_cache.index import (
+    AUDIO,
+    OLD_FORMAT,
     PLAN_FILE,
-    SHARDS,
+    TEACHER,
     CacheError,
     embedding_table,
     fingerprint_of,
@@ -37,7 +46,18 @@ from diva.teacher_cache.index import (
 )
 from diva.teacher_cache.plan import ShardPlan, count_rows, iter_shards, manifest_sha256
 from diva.teacher_cache.prompt import PromptSpec, build_prompt, eos_token_ids, teacher_input_ids
-from diva.teacher_cache.write import Answer, TeacherRow, logprob_dtype, shard_is_complete, to_stored, write_shard
+from diva.teacher_cache.reuse import ReusedCaches
+from diva.teacher_cache.write import (
+    Answer,
+    AudioRow,
+    TeacherRow,
+    logprob_dtype,
+    shard_is_complete,
+    teacher_table,
+    to_stored,
+    write_audio_shard,
+    write_teacher_shard,
+)
 from diva.zoo.checksum import checksum_matches
 
 FAULT_ENV = "DIVA_CACHE_FAULT"  # "after_shard:K", "mid_shard:K" or "before_index": die there (tests)
@@ -59,9 +79,12 @@ class BuildResult:
     skipped: list[int]
     index_written: bool
     seconds: float
-    utterances: int
-    tokens: int
+    utterances: int  # teacher rows written by this call
+    tokens: int  # transcript tokens the teacher ran on
     bytes_written: int
+    rows_computed: int = 0  # of `utterances`: the teacher ran on these
+    rows_reused: int = 0  # ... and these came from a reused cache
+    audio_linked: int = 0  # audio shards hard-linked to an identical one of a reused cache
 
 
 def _segment_bytes(utt: Utterance) -> tuple[bytes, str, float]:
@@ -81,14 +104,41 @@ def _segment_bytes(utt: Utterance) -> tuple[bytes, str, float]:
     return buffer.getvalue(), "flac", 0.0
 
 
+def audio_rows(utts: list[Utterance]) -> tuple[list[AudioRow], list[dict]]:
+    """The audio of each row (the bytes an audio shard stores), or its reject when the file is unreadable."""
+    rows, rejects = [], []
+    for utt in utts:
+        try:
+            rows.append(AudioRow(utt, *_segment_bytes(utt)))
+        except (OSError, AudioError) as e:
+            rejects.append({"id": utt.id, "reason": "audio_unreadable",
+                            "detail": f"{utt.audio}: {e} (gone or changed since the manifest?)"})  # fmt: skip
+    return rows, rejects
+
+
 class ShardBuilder:
-    """Turns the rows of one shard into TeacherRows (and rejects) with one teacher call (three with answers)."""
+    """Turns the rows of one shard into TeacherRows (and rejects): reused rows are taken from `reuse`, the rest
+    run the teacher in one call (three with answers). The backend opens on first use, so a build whose rows are
+    all reused never loads the teacher."""
 
     def __init__(
-        self, backend, tokenizer, prompt: PromptSpec, table: np.ndarray, cfg: CacheConfig, stop_ids: list[int]
-    ) -> None:
-        self.backend, self.tokenizer, self.prompt, self.table, self.cfg = backend, tokenizer, prompt, table, cfg
-        self.stop_ids = stop_ids
+        self, open_teacher: Callable[[], Any], tokenizer, prompt: PromptSpec, table: np.ndarray, cfg: CacheConfig,
+        stop_ids: list[int], reuse: ReusedCaches | None = None,
+    ) -> None:  # fmt: skip
+        self.open_teacher, self.tokenizer, self.prompt, self.table = open_teacher, tokenizer, prompt, table
+        self.cfg, self.stop_ids, self.reuse = cfg, stop_ids, reuse
+        self._backend: Any = None
+        self.tokens_run = 0  # transcript tokens the teacher ran on, over all shards
+
+    @property
+    def backend(self) -> Any:
+        if self._backend is None:
+            self._backend = self.open_teacher()
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
 
     def answers(self, prompts: list[list[int]]) -> list[Answer]:
         """The teacher's greedy answers to the prompts and the targets along them (cache.answer_targets)."""
@@ -106,46 +156,61 @@ class ShardBuilder:
                        topk_logprobs=to_stored(np.asarray(x["topk_logprobs"], dtype=np.float32), stored))
                 for a, t, x in zip(ids, texts, targets, strict=True)]  # fmt: skip
 
-    def build(self, utts: list[Utterance]) -> tuple[list[TeacherRow], list[dict]]:
+    def build(self, utts: list[Utterance], shas: dict[str, str]) -> tuple[list[TeacherRow], list[dict], int]:
+        """(rows in manifest order, rejects, how many rows the teacher ran) for rows whose audio was stored
+        (`shas`: id -> its audio sha256)."""
         rejects: list[dict] = []
 
         def reject(utt: Utterance, reason: str, detail: str) -> None:
             rejects.append({"id": utt.id, "reason": reason, "detail": detail})
 
-        ids_of = self.tokenizer([u.text for u in utts], add_special_tokens=False).input_ids
-        ready: list[tuple[Utterance, list[int], bytes, str, float]] = []
+        ids_of = self.tokenizer([u.text for u in utts], add_special_tokens=False).input_ids if utts else []
+        ready: list[tuple[Utterance, list[int]]] = []
         for utt, ids in zip(utts, ids_of, strict=True):
             if not ids:
                 reject(utt, "empty_tokens", "the transcript tokenises to nothing")
             elif len(ids) > self.cfg.max_text_tokens:
                 reject(utt, "too_many_tokens", f"{len(ids)} tokens > cache.max_text_tokens {self.cfg.max_text_tokens}")
             else:
-                try:
-                    ready.append((utt, ids, *_segment_bytes(utt)))
-                except (OSError, AudioError) as e:
-                    reject(utt, "audio_unreadable", f"{utt.audio}: {e} (gone or changed since the manifest?)")
-        prompts = [teacher_input_ids(self.prompt, ids) for _, ids, *_ in ready]
+                ready.append((utt, ids))
+        hits = [self.reuse.lookup(u.id, u.text, shas[u.id]) if self.reuse else None for u, _ in ready]
+        run = [(utt, ids) for (utt, ids), hit in zip(ready, hits, strict=True) if hit is None]
+        computed = dict(zip((u.id for u, _ in run), self._run(run, shas, reject), strict=True))
+        rows = []
+        for (utt, _), hit in zip(ready, hits, strict=True):
+            row = self.reuse.take(hit, shas[utt.id]) if hit is not None else computed[utt.id]  # type: ignore[union-attr]
+            if row is not None:
+                rows.append(row)
+        return rows, rejects, len(run)
+
+    def _run(
+        self, ready: list[tuple[Utterance, list[int]]], shas: dict[str, str], reject: Callable
+    ) -> list[TeacherRow | None]:
+        """The teacher's rows for `ready` (None where a value is not finite: rejected)."""
+        if not ready:
+            return []
+        prompts = [teacher_input_ids(self.prompt, ids) for _, ids in ready]
+        self.tokens_run += sum(len(ids) for _, ids in ready)
         hidden = self.backend.final_hidden(prompts)
         answers: list[Answer | None] = [None] * len(ready)
-        if self.cfg.answer_tokens and prompts:
+        if self.cfg.answer_tokens:
             answers = list(self.answers(prompts))
-        rows = []
-        for (utt, ids, audio, ext, offset), h, answer in zip(ready, hidden, answers, strict=True):
+        rows: list[TeacherRow | None] = []
+        for (utt, ids), h, answer in zip(ready, hidden, answers, strict=True):
+            rows.append(None)
             h_t = to_stored(np.asarray(h, dtype=np.float32), self.cfg.dtype)
             emb = None
             if self.cfg.embeddings == "per_row":
                 emb = to_stored(self.table[ids], self.cfg.dtype)
             if not np.isfinite(h).all() or (self.cfg.dtype == "float16" and not np.isfinite(h_t).all()):
                 reject(utt, "non_finite", f"h_T holds NaN or inf (or overflows {self.cfg.dtype})")
-                continue
-            if emb is not None and self.cfg.dtype == "float16" and not np.isfinite(emb).all():
+            elif emb is not None and self.cfg.dtype == "float16" and not np.isfinite(emb).all():
                 reject(utt, "non_finite", "the embeddings overflow float16")
-                continue
-            if answer is not None and not answer_is_finite(answer):
+            elif answer is not None and not answer_is_finite(answer):
                 reject(utt, "non_finite", f"the answer targets hold NaN or inf (or overflow {self.cfg.dtype})")
-                continue
-            rows.append(TeacherRow(utt, list(ids), h_t, emb, audio, ext, offset, answer))
-        return rows, rejects
+            else:
+                rows[-1] = TeacherRow(utt.id, utt.text, shas[utt.id], list(ids), h_t, emb, answer)
+        return rows
 
 
 def answer_is_finite(answer: Answer) -> bool:
@@ -172,13 +237,18 @@ def _check_plan(out_dir: Path, plan_record: dict[str, Any]) -> None:
     path = out_dir / PLAN_FILE
     if path.is_file():
         existing = json.loads(path.read_text(encoding="utf-8"))
+        if existing.get("fingerprint", {}).get("format") == OLD_FORMAT:
+            raise CacheError(
+                f"{out_dir} holds a {OLD_FORMAT} cache (shards/ of audio and tensors together); build into a new "
+                f"folder, reusing its teacher rows: diva cache build MANIFEST -o NEW_FOLDER --reuse {out_dir}"
+            )
         if existing != plan_record:
             changed = sorted(k for k in plan_record if k != "fingerprint" and existing.get(k) != plan_record[k])
             old_fp, new_fp = existing.get("fingerprint", {}), plan_record["fingerprint"]
             changed += sorted(f"fingerprint.{k}" for k in new_fp if old_fp.get(k) != new_fp[k])
             raise CacheError(
                 f"{out_dir} holds a cache built with other settings ({', '.join(changed)} differ); "
-                "use a new folder, or delete this one to rebuild"
+                "use a new folder (--reuse this one to keep what still matches), or delete it to rebuild"
             )
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,16 +257,22 @@ def _check_plan(out_dir: Path, plan_record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _shard_complete(out_dir: Path, k: int) -> bool:
+    return all(shard_is_complete(out_dir / kind, k) is not None for kind in (AUDIO, TEACHER))
+
+
 def _index_is_current(out_dir: Path, fingerprint: dict[str, Any]) -> bool:
     """A finished index for this fingerprint already lists the shards now on disk (nothing to re-index)."""
     try:
         index = read_index(out_dir)
     except (CacheError, json.JSONDecodeError):
         return False
-    shard_dir = out_dir / SHARDS
-    return index.get("fingerprint") == fingerprint and all(
-        (shard_is_complete(shard_dir, s["shard"]) or {}).get("files") == s["files"] for s in index["shards"]
-    )
+
+    def on_disk(k: int) -> dict[str, Any]:
+        records = {kind: shard_is_complete(out_dir / kind, k) or {} for kind in (AUDIO, TEACHER)}
+        return {f"{kind}/{k:05d}.{ext}": f for kind, r in records.items() for ext, f in r.get("files", {}).items()}
+
+    return index.get("fingerprint") == fingerprint and all(s["files"] == on_disk(s["shard"]) for s in index["shards"])
 
 
 def build_cache(
@@ -209,69 +285,94 @@ def build_cache(
     workers: int = 1,
     resolved_config: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
+    reuse: list[Path] | None = None,
 ) -> BuildResult:
-    """Build (or resume) the teacher cache of `manifest` in `out_dir` with the teacher in `teacher_dir`."""
+    """Build (or resume) the teacher cache of `manifest` in `out_dir` with the teacher in `teacher_dir`, taking
+    the rows that still match from the caches in `reuse` (see the module docstring)."""
     from transformers import AutoTokenizer
 
     from diva.teacher_cache.backends import open_backend
 
     start = time.perf_counter()
     runtime = runtime or RuntimeConfig()
-    out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
+    out_dir, teacher_dir, reuse = Path(out_dir), Path(teacher_dir), [Path(c) for c in reuse or []]
+    for cache in reuse:
+        if cache.resolve() == out_dir.resolve():
+            raise CacheError(f"--reuse {cache} is the folder being built; reuse an earlier cache into a new folder")
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     prompt = build_prompt(tokenizer, cfg.date_string)
     table = embedding_table(teacher_dir)
+    hidden_size = int(table.shape[1])
     stop_ids = eos_token_ids(teacher_dir, tokenizer) if cfg.answer_tokens else []
-    fingerprint = fingerprint_of(teacher_dir, prompt, cfg, int(table.shape[1]), manifest_sha256(manifest), stop_ids)
+    fingerprint = fingerprint_of(teacher_dir, prompt, cfg, hidden_size, manifest_sha256(manifest), stop_ids)
     fingerprint = _recorded_checksum_kept(out_dir, fingerprint, teacher_dir)
     plan = ShardPlan(rows=count_rows(manifest), shard_size=cfg.shard_size)
     _check_plan(
         out_dir,
         {"fingerprint": fingerprint, "prompt": prompt.to_json(), "rows": plan.rows, "shard_size": plan.shard_size},
     )
-    shard_dir = out_dir / SHARDS
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    for kind in (AUDIO, TEACHER):
+        (out_dir / kind).mkdir(parents=True, exist_ok=True)
 
     mine = plan.shards_of(worker, workers)
-    todo = {k for k in mine if shard_is_complete(shard_dir, k) is None}
+    todo = {k for k in mine if not _shard_complete(out_dir, k)}
     skipped = sorted(set(mine) - todo)
     written: list[int] = []
-    utterances = tokens = bytes_written = 0
+    utterances = tokens = bytes_written = computed = reused = linked = 0
+    lenders = ReusedCaches(reuse, fingerprint) if todo and reuse else None
+    prompt_ids = (prompt.prefix_ids, prompt.suffix_ids)
     if todo:
-        backend = open_backend(cfg.backend, teacher_dir, dtype=runtime.dtype, batch_size=cfg.batch_size,
-                               device=runtime.device)  # fmt: skip
-        builder = ShardBuilder(backend, tokenizer, prompt, table, cfg, stop_ids)
+
+        def open_teacher():
+            return open_backend(cfg.backend, teacher_dir, dtype=runtime.dtype, batch_size=cfg.batch_size,
+                                device=runtime.device, shared_prefix=len(prompt.prefix_ids))  # fmt: skip
+
+        builder = ShardBuilder(open_teacher, tokenizer, prompt, table, cfg, stop_ids, lenders)
         try:
             for k, utts in iter_shards(manifest, cfg.shard_size, todo):
-                rows, rejects = builder.build(utts)
-                record = write_shard(shard_dir, k, rows, rejects, cfg.dtype, int(table.shape[1]),
-                                     (prompt.prefix_ids, prompt.suffix_ids), fault_point)  # fmt: skip
+                audio = shard_is_complete(out_dir / AUDIO, k)
+                if audio is None:
+                    rows, rejects = audio_rows(utts)
+                    same = lenders.audio_tars if lenders else None
+                    audio, was_linked = write_audio_shard(out_dir / AUDIO, k, rows, rejects, fault_point, same)
+                    linked += was_linked
+                    bytes_written += 0 if was_linked else audio["files"]["tar"]["bytes"]
+                if shard_is_complete(out_dir / TEACHER, k) is None:
+                    shas = dict(zip(audio["ids"], audio["audio_sha256"], strict=True))
+                    rows, rejects, ran = builder.build([u for u in utts if u.id in shas], shas)
+                    record = write_teacher_shard(out_dir / TEACHER, k, teacher_table(rows, cfg.dtype, hidden_size,
+                                                 prompt_ids), rejects, ran, fault_point)  # fmt: skip
+                    utterances += len(rows)
+                    computed, reused = computed + ran, reused + record["rows_reused"]
+                    bytes_written += record["files"]["parquet"]["bytes"]
                 written.append(k)
-                utterances += len(rows)
-                tokens += sum(len(r.text_ids) for r in rows)
-                bytes_written += sum(f["bytes"] for f in record["files"].values())
                 if progress:
                     progress(len(written) + len(skipped), len(mine))
                 fault_point("after_shard", k)
         finally:
-            backend.close()
+            builder.close()
+        tokens = builder.tokens_run
     seconds = time.perf_counter() - start
     run = {
         "worker": worker, "workers": workers, "backend": cfg.backend, "seconds": round(seconds, 2),
-        "utterances": utterances, "tokens": tokens, "bytes_written": bytes_written,
+        "utterances": utterances, "rows_computed": computed, "rows_reused": reused, "audio_shards_linked": linked,
+        "tokens": tokens, "bytes_written": bytes_written,
         "utterances_per_s": round(utterances / seconds, 2) if seconds else None,
         "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
     }  # fmt: skip
-    index_written = False
-    if all(shard_is_complete(shard_dir, k) is not None for k in range(plan.num_shards)):
+    result = BuildResult(out_dir, written, skipped, False, seconds, utterances, tokens, bytes_written, computed,
+                         reused, linked)  # fmt: skip
+    if all(_shard_complete(out_dir, k) for k in range(plan.num_shards)):
         fault_point("before_index")
         if not written and _index_is_current(out_dir, fingerprint):
-            return BuildResult(out_dir, written, skipped, True, seconds, utterances, tokens, bytes_written)
+            return replace(result, index_written=True)
         provenance = {
             "teacher_path": str(teacher_dir.resolve()), "manifest_path": str(Path(manifest).resolve()),
             "config": resolved_config or {"cache": asdict(cfg), "runtime": asdict(runtime)},
             "made_by": f"diva {__version__}", "host": os.uname().nodename, "last_run": run,
+            "reused_from": [str(c.resolve()) for c in reuse],
+            **({"not_lending": lenders.not_lending} if lenders and lenders.not_lending else {}),
         }  # fmt: skip
         write_index(out_dir, fingerprint, plan, provenance, prompt)
-        index_written = True
-    return BuildResult(out_dir, written, skipped, index_written, seconds, utterances, tokens, bytes_written)
+        result = replace(result, index_written=True)
+    return result

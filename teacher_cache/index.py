@@ -22,8 +22,11 @@ from diva.zoo.checksum import weight_files, weights_checksum
 
 INDEX_FILE = "index.json"
 PLAN_FILE = "plan.json"
-SHARDS = "shards"
-FORMAT = "diva-teacher-cache/1"
+AUDIO = "audio"  # audio/NNNNN.tar (+ .json): keyed by the manifest's rows
+TEACHER = "teacher"  # teacher/NNNNN.parquet (+ .json): keyed by the manifest's rows and the teacher fingerprint
+FORMAT = "diva-teacher-cache/2"
+OLD_FORMAT = "diva-teacher-cache/1"  # shards/NNNNN.parquet + .tar, audio and tensors together
+NOT_TEACHER = ("format", "manifest_sha256", "code_version")  # fingerprint keys a reused teacher row may differ in
 
 
 class CacheError(UserError):
@@ -83,21 +86,34 @@ def fingerprint_of(
     }
 
 
+def teacher_key(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What a teacher row depends on besides its transcript: the fingerprint less the manifest, the format and the
+    code version (a cache whose teacher key matches can lend its rows to an incremental build)."""
+    return {k: v for k, v in fingerprint.items() if k not in NOT_TEACHER}
+
+
 def write_index(out_dir: Path, fingerprint: dict, plan: ShardPlan, provenance: dict, prompt: PromptSpec) -> dict:
-    """Assemble index.json from the complete shards' records (raises if any shard is missing)."""
-    shard_dir = out_dir / SHARDS
+    """Assemble index.json from the complete shards' records (raises if any shard is missing). Per shard: its
+    rows (teacher rows: what a reader gets; audio_rows: those with audio), the files by relative path, and how
+    many of its rows the teacher computed or a reused cache lent."""
     shards, rejects = [], []
     for k in range(plan.num_shards):
-        record = shard_is_complete(shard_dir, k)
-        if record is None:
-            raise CacheError(f"{shard_dir}: shard {k:05d} is missing or incomplete; build it before indexing")
-        shards.append({"shard": k, "rows": record["rows"], "files": record["files"]})
-        rejects += [{**r, "shard": k} for r in record["rejects"]]
+        records = {kind: shard_is_complete(out_dir / kind, k) for kind in (AUDIO, TEACHER)}
+        for kind, record in records.items():
+            if record is None:
+                raise CacheError(f"{out_dir / kind}: shard {k:05d} is missing or incomplete; build it before indexing")
+        audio, teacher = records[AUDIO], records[TEACHER]
+        files = {f"{kind}/{k:05d}.{ext}": facts for kind, r in records.items() for ext, facts in r["files"].items()}
+        shards.append({"shard": k, "rows": teacher["rows"], "audio_rows": audio["rows"], "files": files,
+                       "rows_computed": teacher["rows_computed"], "rows_reused": teacher["rows_reused"]})  # fmt: skip
+        rejects += [{**r, "shard": k} for r in audio["rejects"] + teacher["rejects"]]
     index = {
         "format": FORMAT,
         "fingerprint": fingerprint,
         "prompt": prompt.to_json(),
         "rows": sum(s["rows"] for s in shards),
+        "rows_computed": sum(s["rows_computed"] for s in shards),
+        "rows_reused": sum(s["rows_reused"] for s in shards),
         "manifest_rows": plan.rows,
         "shard_size": plan.shard_size,
         "shards": shards,
@@ -111,8 +127,9 @@ def write_index(out_dir: Path, fingerprint: dict, plan: ShardPlan, provenance: d
     return index
 
 
-def read_index(cache_dir: Path) -> dict[str, Any]:
-    """index.json of a finished cache."""
+def read_index(cache_dir: Path, any_format: bool = False) -> dict[str, Any]:
+    """index.json of a finished cache; one of the older layout is refused (it says how to convert it) unless
+    `any_format` (an incremental build reads its rows)."""
     path = Path(cache_dir) / INDEX_FILE
     if not path.is_file():
         hint = (
@@ -121,7 +138,14 @@ def read_index(cache_dir: Path) -> dict[str, Any]:
             else ""
         )
         raise CacheError(f"{path} not found{hint}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    index = json.loads(path.read_text(encoding="utf-8"))
+    if not any_format and index.get("format") != FORMAT:
+        raise CacheError(
+            f"{cache_dir} is a {index.get('format')} cache (audio and tensors in shared shards/); this diva reads "
+            f"{FORMAT} (audio/ and teacher/ shards). Convert it without rerunning the teacher: diva cache build "
+            f"MANIFEST -o NEW_FOLDER --reuse {cache_dir} (MANIFEST: the one it was built from)"
+        )
+    return index
 
 
 def index_cache(cache_dir: Path, provenance: dict | None = None) -> dict:

@@ -1,5 +1,9 @@
-"""Reading a finished cache: the index, the Parquet shards as one table, and a streaming WebDataset of the
-tar shards (shuffled shards, a shuffle buffer, split across DataLoader workers and distributed ranks)."""
+"""Reading a finished cache: the index, the teacher Parquet shards as one table, and each shard's samples: a
+teacher row joined by utterance id with its audio sample (the same dict whatever stored it).
+
+    audio/NNNNN.tar (WebDataset: KEY.<ext>, KEY.json)  +  teacher/NNNNN.parquet (id, h_t, text_ids, ...)
+        --join on id, in the teacher shard's order-->  {"id", "meta", "audio", "audio_ext", "h_t", "text_ids", ...}
+"""
 
 from __future__ import annotations
 
@@ -12,75 +16,123 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from diva.teacher_cache.index import SHARDS, CacheError, read_index
+from diva.teacher_cache.index import AUDIO, TEACHER, CacheError, read_index
 from diva.teacher_cache.write import from_stored
 from diva.zoo.checksum import checksum_matches
 
 
-def shard_paths(cache_dir: Path, ext: str) -> list[Path]:
-    """The shard files of a finished cache, in shard order."""
+def shard_paths(cache_dir: Path, kind: str) -> list[Path]:
+    """The shard files of a finished cache, in shard order: kind "audio" (tars) or "teacher" (Parquet)."""
     index = read_index(cache_dir)
-    return [Path(cache_dir) / SHARDS / f"{s['shard']:05d}.{ext}" for s in index["shards"]]
+    ext = {AUDIO: "tar", TEACHER: "parquet"}[kind]
+    return [Path(cache_dir) / kind / f"{s['shard']:05d}.{ext}" for s in index["shards"]]
 
 
 def open_table(cache_dir: Path):
-    """All Parquet shards as one pyarrow Table (columns: id, text, ..., text_ids, h_t, embeddings)."""
+    """All teacher shards as one pyarrow Table (columns: id, text, audio_sha256, n_tokens, prefix_ids, text_ids,
+    suffix_ids, h_t, and embeddings / answer_* when stored)."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetDataset([str(p) for p in shard_paths(cache_dir, "parquet")]).read()
+    return pq.ParquetDataset([str(p) for p in shard_paths(cache_dir, TEACHER)]).read()
 
 
 def load_npy_zst(data: bytes) -> np.ndarray:
-    """A tensor member of a tar sample (.npy compressed with zstandard)."""
+    """A tensor member of a format-1 tar sample (.npy compressed with zstandard)."""
     return np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)), allow_pickle=False)
 
 
-def decode_sample(sample: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """A raw WebDataset sample -> {"meta", "audio" (bytes), "audio_ext", "h_t" (float32 (d,)), "text_ids" (int32 (N,)),
-    "embeddings" (float32 (N, d)) or absent; with answers: "answer_ids" (int32 (K,)) and "answer_hidden" (float32
-    (K, d)) or "answer_topk_ids" (int32 (K, k)) + "answer_topk_logprobs" (float32 (K, k)) when stored}."""
-    meta = json.loads(sample["json"])
-    out = {
-        "id": meta["id"],
-        "meta": meta,
-        "audio": sample[meta["audio_ext"]],
-        "audio_ext": meta["audio_ext"],
-        "h_t": from_stored(load_npy_zst(sample["h_t.npy.zst"]), dtype),
-        "text_ids": load_npy_zst(sample["text_ids.npy.zst"]),
-    }
-    if "emb.npy.zst" in sample:
-        out["embeddings"] = from_stored(load_npy_zst(sample["emb.npy.zst"]), dtype)
-    if "answer_ids.npy.zst" in sample:
-        out["answer_ids"] = load_npy_zst(sample["answer_ids.npy.zst"])  # (K,) int32
-    if "answer_hidden.npy.zst" in sample:
-        out["answer_hidden"] = from_stored(load_npy_zst(sample["answer_hidden.npy.zst"]), dtype)  # (K, d)
-    if "answer_topk_ids.npy.zst" in sample:
-        out["answer_topk_ids"] = load_npy_zst(sample["answer_topk_ids.npy.zst"])  # (K, k) int32
-        logprobs = load_npy_zst(sample["answer_topk_logprobs.npy.zst"])
-        out["answer_topk_logprobs"] = np.asarray(logprobs, dtype=np.float32)  # (K, k)
+def _per_row(column, rows: int) -> list[np.ndarray]:
+    """A list<fixed_size_list<v, w>> (or list<v>) column -> one (n_r, w) (or (n_r,)) numpy array per row, values as
+    stored (uint16 words for bfloat16)."""
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    offsets = column.offsets.to_numpy()
+    values = column.flatten()
+    if hasattr(values.type, "list_size"):
+        width = values.type.list_size
+        flat = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    else:
+        flat = values.to_numpy(zero_copy_only=False)
+    return [flat[offsets[r] : offsets[r + 1]] for r in range(rows)]
+
+
+def table_rows(table) -> list[dict[str, Any]]:
+    """The rows of a teacher table as {column: value}: strings, int32 id arrays, and tensors in the stored dtype
+    (h_t (d,), embeddings (N, d), answer_* (K, ...)); no conversion, so they write back bit for bit."""
+    rows = table.num_rows
+    out: list[dict[str, Any]] = [{} for _ in range(rows)]
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if name == "h_t":
+            values = column.flatten().to_numpy(zero_copy_only=False).reshape(rows, column.type.list_size)
+            per = list(values)
+        elif name in ("id", "text", "audio_sha256", "answer_text"):
+            per = column.to_pylist()
+        elif name == "n_tokens":
+            per = column.to_numpy().tolist()
+        else:
+            per = _per_row(column, rows)
+        for r in range(rows):
+            out[r][name] = per[r]
     return out
 
 
-def stream_samples(
-    cache_dir: Path, shuffle: bool = True, buffer: int = 1000, seed: int = 0, epochs: int = 1
-) -> Iterator[dict[str, Any]]:
-    """Decoded samples of the tar shards with webdataset's own pipeline stages: shard shuffling, splitting by
-    node (torch.distributed rank) and by DataLoader worker, a shuffle buffer. Use inside a DataLoader."""
+def decode_teacher_row(row: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """A teacher row as the trainer reads it: tensors float32, ids int32."""
+    out = {"h_t": from_stored(row["h_t"], dtype), "text_ids": np.asarray(row["text_ids"], dtype=np.int32)}
+    if "embeddings" in row:
+        out["embeddings"] = from_stored(row["embeddings"], dtype)  # (N, d)
+    if "answer_ids" in row:
+        out["answer_ids"] = np.asarray(row["answer_ids"], dtype=np.int32)  # (K,)
+    if "answer_hidden" in row:
+        out["answer_hidden"] = from_stored(row["answer_hidden"], dtype)  # (K, d)
+    if "answer_topk_ids" in row:
+        out["answer_topk_ids"] = np.asarray(row["answer_topk_ids"], dtype=np.int32)  # (K, k)
+        out["answer_topk_logprobs"] = np.asarray(row["answer_topk_logprobs"], dtype=np.float32)  # (K, k)
+    return out
+
+
+def audio_samples(path: Path) -> dict[str, dict[str, Any]]:
+    """The samples of one audio tar by utterance id: {"meta" (its .json), "audio" (bytes), "audio_ext"}, read with
+    webdataset's own key grouping."""
     import webdataset as wds
 
+    pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples(handler=wds.reraise_exception))
+    samples = {}
+    for sample in pipeline:
+        meta = json.loads(sample["json"])
+        samples[meta["id"]] = {"meta": meta, "audio": sample[meta["audio_ext"]], "audio_ext": meta["audio_ext"]}
+    return samples
+
+
+def read_shard(cache_dir: Path, k: int, dtype: str) -> list[dict[str, Any]]:
+    """Shard k's samples in stored order: each teacher row joined with its audio sample by id -> {"id", "meta",
+    "audio" (bytes), "audio_ext", "h_t" (float32 (d,)), "text_ids" (int32 (N,)), "embeddings" (float32 (N, d)) or
+    absent; with answers: "answer_ids" (int32 (K,)) and "answer_hidden" (float32 (K, d)) or "answer_topk_ids"
+    (int32 (K, k)) + "answer_topk_logprobs" (float32 (K, k)) when stored}."""
+    import pyarrow.parquet as pq
+
+    cache_dir = Path(cache_dir)
+    teacher_path = cache_dir / TEACHER / f"{k:05d}.parquet"
+    audio_path = cache_dir / AUDIO / f"{k:05d}.tar"
+    audio = audio_samples(audio_path)
+    samples = []
+    for row in table_rows(pq.read_table(teacher_path)):
+        if row["id"] not in audio:
+            raise CacheError(f"{teacher_path}: row {row['id']!r} has no sample in {audio_path}; verify the cache")
+        samples.append({"id": row["id"], **audio[row["id"]], **decode_teacher_row(row, dtype)})
+    return samples
+
+
+def stream_samples(cache_dir: Path, shuffle: bool = True, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Every sample of a cache, shard after shard (in a seeded shuffled order of shards and of rows within each
+    shard when `shuffle`). The trainer's own reader is `student.training.data.epoch_samples`."""
     index = read_index(cache_dir)
     dtype = index["fingerprint"]["dtype"]
-    urls = [str(p) for p in shard_paths(cache_dir, "tar")]
-    stages: list[Any] = [wds.SimpleShardList(urls, seed=seed)]
-    if shuffle:
-        stages.append(wds.shuffle(len(urls), initial=len(urls), seed=seed))
-    stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=wds.reraise_exception)]
-    if shuffle:
-        stages.append(wds.shuffle(buffer, initial=min(buffer, 100), seed=seed))
-    stages.append(wds.map(lambda s: decode_sample(s, dtype)))
-    pipeline = wds.DataPipeline(*stages)
-    for _ in range(epochs):
-        yield from pipeline
+    rng = np.random.default_rng(seed)
+    shards = [s["shard"] for s in index["shards"]]
+    for k in rng.permutation(shards).tolist() if shuffle else shards:
+        samples = read_shard(cache_dir, k, dtype)
+        yield from ([samples[r] for r in rng.permutation(len(samples))] if shuffle else samples)
 
 
 def check_fingerprint(cache_dir: Path, teacher_checksum: str, teacher_dir: Path | None = None) -> dict[str, Any]:

@@ -1,6 +1,12 @@
-"""Write one shard: `NNNNN.parquet` (metadata + tensors, zstd) and `NNNNN.tar` (WebDataset samples), each
-under a temporary name and renamed when complete; then `NNNNN.json` (rows, rejects, sizes, sha256), which
-marks the shard complete. Shard bytes depend only on the shard's rows and the teacher: tar members have a
+"""Write the two kinds of shard, each file under a temporary name and renamed when complete, then its
+`NNNNN.json` record (rows, ids, rejects, sizes, sha256), which marks the shard complete:
+
+    audio/NNNNN.tar        WebDataset samples keyed by utterance id: the audio bytes and a .json of the manifest
+                           row (with the audio's sha256): depends on the manifest alone
+    teacher/NNNNN.parquet  one row per utterance: id, text, audio_sha256, ids, h_T, embeddings, answers (zstd):
+                           depends on the manifest rows and the teacher
+
+Each tensor is stored once. Shard bytes depend only on the shard's rows (and the teacher): tar members have a
 fixed mtime, owner and mode, JSON keys are sorted, and nothing records a time or a host."""
 
 from __future__ import annotations
@@ -9,7 +15,9 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -44,16 +52,29 @@ def logprob_dtype(dtype: str) -> str:
 
 
 @dataclass(frozen=True)
-class TeacherRow:
-    """Everything the cache stores for one utterance."""
+class AudioRow:
+    """What an audio shard stores for one utterance: its manifest row and the audio bytes."""
 
     utt: Utterance
-    text_ids: list[int]
-    h_t: np.ndarray  # (d,) in the stored dtype
-    embeddings: np.ndarray | None  # (N, d) in the stored dtype, or None with shared embeddings
     audio: bytes
     audio_ext: str  # "mp3", "flac", ...
     audio_offset_s: float  # where the utterance starts inside `audio` (0 when a segment was cut out)
+
+    @cached_property
+    def audio_sha256(self) -> str:
+        return hashlib.sha256(self.audio).hexdigest()
+
+
+@dataclass(frozen=True)
+class TeacherRow:
+    """What a teacher shard stores for one utterance: the teacher's outputs on its transcript."""
+
+    id: str
+    text: str
+    audio_sha256: str  # of the audio shard's bytes for this row: with id and text, what a reused row must match
+    text_ids: list[int]
+    h_t: np.ndarray  # (d,) in the stored dtype
+    embeddings: np.ndarray | None  # (N, d) in the stored dtype, or None with shared embeddings
     answer: Answer | None = None  # with cache.answer_tokens > 0
 
 
@@ -85,13 +106,14 @@ def npy_zst(array: np.ndarray) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(buffer.getvalue())
 
 
-def sample_json(row: TeacherRow) -> dict[str, Any]:
+def sample_json(row: AudioRow) -> dict[str, Any]:
+    """The .json member of an audio sample: the manifest row's fields and where the audio bytes came from."""
     utt = row.utt
     return {
         "id": utt.id,
         "text": utt.text,
-        "n_tokens": len(row.text_ids),
         "audio_ext": row.audio_ext,
+        "audio_sha256": row.audio_sha256,
         "duration_s": utt.duration_s,
         "offset_s": row.audio_offset_s,
         "sample_rate": utt.sample_rate,
@@ -100,58 +122,34 @@ def sample_json(row: TeacherRow) -> dict[str, Any]:
         "split": utt.split,
         "corpus": utt.corpus,
         "source_audio": utt.audio,
-        **({"answer_text": row.answer.text, "n_answer": len(row.answer.ids)} if row.answer is not None else {}),
+        "source_offset_s": utt.offset_s,
     }
 
 
-def answer_members(answer: Answer) -> dict[str, bytes]:
-    """The tar members of an answer: ids, and the hidden states or top-k ids and log-probs when stored."""
-    members = {"answer_ids.npy.zst": npy_zst(np.asarray(answer.ids, dtype=np.int32))}
-    if answer.hidden is not None:
-        members["answer_hidden.npy.zst"] = npy_zst(answer.hidden)
-    if answer.topk_ids is not None and answer.topk_logprobs is not None:
-        members["answer_topk_ids.npy.zst"] = npy_zst(answer.topk_ids)
-        members["answer_topk_logprobs.npy.zst"] = npy_zst(answer.topk_logprobs)
-    return members
-
-
-def write_tar(path: Path, rows: list[TeacherRow]) -> None:
-    """WebDataset samples keyed by utterance id: audio bytes, .json, and tensors as .npy.zst members."""
+def write_tar(path: Path, rows: list[AudioRow]) -> None:
+    """WebDataset samples keyed by utterance id: the audio bytes and a .json of the manifest row."""
     import webdataset as wds
 
     with open(path, "wb") as stream:
         writer = wds.TarWriter(stream, user="diva", group="diva", mode=0o444, mtime=0, encoder=False)
         for row in rows:
-            sample = {
+            writer.write({
                 "__key__": sample_key(row.utt.id),
                 row.audio_ext: row.audio,
                 "json": json.dumps(sample_json(row), sort_keys=True, ensure_ascii=False).encode("utf-8"),
-                "h_t.npy.zst": npy_zst(row.h_t),
-                "text_ids.npy.zst": npy_zst(np.asarray(row.text_ids, dtype=np.int32)),
-            }
-            if row.embeddings is not None:
-                sample["emb.npy.zst"] = npy_zst(row.embeddings)
-            if row.answer is not None:
-                sample.update(answer_members(row.answer))
-            writer.write(sample)
+            })  # fmt: skip
         writer.close()
 
 
-def write_parquet(path: Path, rows: list[TeacherRow], dtype: str, hidden_size: int, prompt_ids: tuple) -> None:
-    """One row per utterance: metadata columns, prompt ids, transcript ids, h_T and (per_row) embeddings."""
+def teacher_table(rows: list[TeacherRow], dtype: str, hidden_size: int, prompt_ids: tuple) -> pa.Table:
+    """One row per utterance: id, text, audio_sha256, prompt ids, transcript ids, h_T, (per_row) embeddings and
+    (with answers) the answer columns."""
     value = STORED_ARROW[dtype]
     prefix_ids, suffix_ids = prompt_ids
     columns: dict[str, pa.Array] = {
-        "id": pa.array([r.utt.id for r in rows], pa.string()),
-        "text": pa.array([r.utt.text for r in rows], pa.string()),
-        "audio": pa.array([r.utt.audio for r in rows], pa.string()),
-        "duration_s": pa.array([r.utt.duration_s for r in rows], pa.float64()),
-        "offset_s": pa.array([r.utt.offset_s for r in rows], pa.float64()),
-        "sample_rate": pa.array([r.utt.sample_rate for r in rows], pa.int32()),
-        "language": pa.array([r.utt.language for r in rows], pa.string()),
-        "speaker": pa.array([r.utt.speaker for r in rows], pa.string()),
-        "split": pa.array([r.utt.split for r in rows], pa.string()),
-        "corpus": pa.array([r.utt.corpus for r in rows], pa.string()),
+        "id": pa.array([r.id for r in rows], pa.string()),
+        "text": pa.array([r.text for r in rows], pa.string()),
+        "audio_sha256": pa.array([r.audio_sha256 for r in rows], pa.string()),
         "n_tokens": pa.array([len(r.text_ids) for r in rows], pa.int32()),
         "prefix_ids": pa.array([list(prefix_ids)] * len(rows), pa.list_(pa.int32())),
         "text_ids": pa.array([r.text_ids for r in rows], pa.list_(pa.int32())),
@@ -165,8 +163,13 @@ def write_parquet(path: Path, rows: list[TeacherRow], dtype: str, hidden_size: i
         columns["embeddings"] = nested(flat, value, hidden_size, [len(r.text_ids) for r in rows])
     if rows and rows[0].answer is not None:
         columns.update(answer_columns([r.answer for r in rows], dtype, hidden_size))  # type: ignore[misc]
-    table = pa.table(columns).replace_schema_metadata({"diva.dtype": dtype})
-    pq.write_table(table, path, compression="zstd")
+    return pa.table(columns).replace_schema_metadata({"diva.dtype": dtype})
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    """A teacher table as one Parquet file (zstd); chunks are combined first, so the bytes depend only on the
+    values (a table assembled from reused and computed rows writes what one built at once does)."""
+    pq.write_table(table.combine_chunks(), path, compression="zstd")
 
 
 def nested(values: np.ndarray, value_type: pa.DataType, width: int, lengths: list[int]) -> pa.Array:
@@ -202,39 +205,69 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shard(
-    shard_dir: Path,
-    k: int,
-    rows: list[TeacherRow],
-    rejects: list[dict],
-    dtype: str,
-    hidden_size: int,
-    prompt_ids: tuple,
-    fault: Any = None,
-) -> dict[str, Any]:
-    """Write shard k (parquet, tar, then its .json record) atomically; returns the record."""
-    name = f"{k:05d}"
-    files = {}
-    for ext, writer in (
-        ("parquet", lambda p: write_parquet(p, rows, dtype, hidden_size, prompt_ids)),
-        ("tar", lambda p: write_tar(p, rows)),
-    ):
-        final = shard_dir / f"{name}.{ext}"
-        tmp = shard_dir / f".{name}.{ext}.tmp{os.getpid()}"
-        writer(tmp)
-        if fault is not None:
-            fault("mid_shard", k)
-        os.replace(tmp, final)
-        files[ext] = {"bytes": final.stat().st_size, "sha256": sha256_file(final)}
-    record = {"shard": k, "rows": len(rows), "ids": [r.utt.id for r in rows], "rejects": rejects, "files": files}
-    tmp = shard_dir / f".{name}.json.tmp{os.getpid()}"
+def _written(final: Path, write: Callable[[Path], None], fault: Any, k: int) -> dict[str, Any]:
+    """Write one shard file under a temporary name, then rename it; its size and sha256."""
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    write(tmp)
+    if fault is not None:
+        fault("mid_shard", k)
+    os.replace(tmp, final)
+    return {"bytes": final.stat().st_size, "sha256": sha256_file(final)}
+
+
+def _linked_or_kept(final: Path, facts: dict[str, Any], same: dict[str, Path]) -> bool:
+    """Replace a just-written file by a hard link to an identical one elsewhere (same sha256 and size), so caches
+    of releases N and N+1 share the bytes of what did not change; False when there is none or linking fails
+    (another file system: the written copy stays)."""
+    other = same.get(facts["sha256"])
+    if other is None or not other.is_file() or other.stat().st_size != facts["bytes"]:
+        return False
+    tmp = final.with_name(f".{final.name}.link{os.getpid()}")
+    try:
+        os.link(other, tmp)
+    except OSError:
+        return False
+    os.replace(tmp, final)
+    return True
+
+
+def _record(shard_dir: Path, k: int, record: dict[str, Any]) -> dict[str, Any]:
+    """Write shard k's .json record last: it marks the shard complete."""
+    tmp = shard_dir / f".{k:05d}.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, shard_dir / f"{name}.json")
+    os.replace(tmp, shard_dir / f"{k:05d}.json")
     return record
 
 
+def write_audio_shard(
+    shard_dir: Path, k: int, rows: list[AudioRow], rejects: list[dict], fault: Any = None,
+    same: dict[str, Path] | None = None,
+) -> tuple[dict[str, Any], bool]:  # fmt: skip
+    """Write audio shard k (NNNNN.tar, then NNNNN.json) atomically; (its record, whether the tar was hard-linked
+    to an identical one of `same`: sha256 -> path of a reused cache's audio tars)."""
+    final = shard_dir / f"{k:05d}.tar"
+    facts = _written(final, lambda p: write_tar(p, rows), fault, k)
+    linked = _linked_or_kept(final, facts, same or {})
+    record = {"shard": k, "rows": len(rows), "ids": [r.utt.id for r in rows],
+              "audio_sha256": [r.audio_sha256 for r in rows], "rejects": rejects, "files": {"tar": facts}}  # fmt: skip
+    return _record(shard_dir, k, record), linked
+
+
+def write_teacher_shard(
+    shard_dir: Path, k: int, table: pa.Table, rejects: list[dict], computed: int, fault: Any = None
+) -> dict[str, Any]:
+    """Write teacher shard k (NNNNN.parquet, then NNNNN.json) atomically; `computed`: how many of its rows the
+    teacher ran (the rest were reused); returns the record."""
+    facts = _written(shard_dir / f"{k:05d}.parquet", lambda p: write_parquet(p, table), fault, k)
+    ids = table.column("id").to_pylist()
+    record = {"shard": k, "rows": len(ids), "ids": ids, "rejects": rejects, "files": {"parquet": facts},
+              "rows_computed": computed, "rows_reused": len(ids) - computed}  # fmt: skip
+    return _record(shard_dir, k, record)
+
+
 def shard_is_complete(shard_dir: Path, k: int) -> dict[str, Any] | None:
-    """The shard's record when its files exist with the recorded sizes (`diva cache verify` checks hashes)."""
+    """Shard k's record (audio or teacher folder) when its files exist with the recorded sizes (`diva cache
+    verify` checks the hashes)."""
     name = f"{k:05d}"
     try:
         record = json.loads((shard_dir / f"{name}.json").read_text(encoding="utf-8"))

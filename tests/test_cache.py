@@ -48,7 +48,8 @@ def _cfg(**cache):
 
 
 def _shard_bytes(cache: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((cache / "shards").iterdir()) if not p.name.startswith(".")}
+    return {f"{p.parent.name}/{p.name}": p.read_bytes() for kind in ("audio", "teacher")
+            for p in sorted((cache / kind).iterdir()) if not p.name.startswith(".")}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -84,23 +85,25 @@ def test_stored_tensors_equal_a_direct_forward(clean_cache: Path, tiny_llama: Pa
     assert set(samples) == {r["id"] for r in table}
     first = table[0]
     np.testing.assert_array_equal(samples[first["id"]]["h_t"], np.array(first["h_t"], dtype=np.float32))
-    assert Path(first["audio"]).read_bytes() == samples[first["id"]]["audio"]
+    assert Path(samples[first["id"]]["meta"]["source_audio"]).read_bytes() == samples[first["id"]]["audio"]
 
 
 def test_readers_need_no_project_code(clean_cache: Path) -> None:
     code = f"""
 import datasets, webdataset, glob, json
-files = sorted(glob.glob("{clean_cache}/shards/*.parquet"))
+files = sorted(glob.glob("{clean_cache}/teacher/*.parquet"))
 ds = datasets.load_dataset("parquet", data_files=files, split="train")
-tars = sorted(glob.glob("{clean_cache}/shards/*.tar"))
+tars = sorted(glob.glob("{clean_cache}/audio/*.tar"))
 samples = list(webdataset.WebDataset(tars, shardshuffle=False))
-print(json.dumps({{"rows": len(ds), "h_t": len(ds[0]["h_t"]), "samples": len(samples),
+joined = {{s["__key__"]: json.loads(s["json"])["id"] for s in samples}}
+print(json.dumps({{"rows": len(ds), "h_t": len(ds[0]["h_t"]), "emb": len(ds[0]["embeddings"][0]),
+                   "samples": len(samples), "ids": sorted(ds["id"]) == sorted(joined.values()),
                    "members": sorted(k for k in samples[0] if not k.startswith("__"))}}))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["rows"] == summary["samples"] == 22 and summary["h_t"] == 128
-    assert {"json", "h_t.npy.zst", "text_ids.npy.zst", "emb.npy.zst"} <= set(summary["members"])
+    assert summary["rows"] == summary["samples"] == 22 and summary["h_t"] == summary["emb"] == 128
+    assert summary["ids"] and "json" in summary["members"] and len(summary["members"]) == 2  # json + the audio
 
 
 def _cli_build(manifest: Path, out: Path, teacher: Path, *extra: str, fault: str | None = None):
@@ -130,9 +133,7 @@ def test_a_real_kill_9_resumes_byte_identical(manifest, tiny_llama, clean_cache,
            str(tiny_llama), "-c", "tiny", "--backend", "naive", "--set", "cache.shard_size=2"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while (
-        time.time() < deadline and not list((out / "shards").glob("00002.json")) if (out / "shards").exists() else True
-    ):
+    while not (out / "teacher" / "00002.json").exists():
         if proc.poll() is not None or time.time() > deadline:
             break
         time.sleep(0.05)
@@ -189,7 +190,9 @@ def test_verify_and_inspect(clean_cache: Path, tmp_path: Path) -> None:
     assert report.ok and report.rows == 22, report.problems
     summary = inspect_cache(out)
     assert summary["rows"] == 22 and summary["shards"] == 6 and summary["text_tokens_percentiles"]["p50"] > 0
-    tar = out / "shards" / "00003.tar"
+    assert summary["rows_computed"] == 22 and summary["rows_reused"] == 0
+    assert set(summary["bytes"]) == {"audio", "teacher"}
+    tar = out / "audio" / "00003.tar"
     data = bytearray(tar.read_bytes())
     data[2000] ^= 0xFF
     tar.write_bytes(bytes(data))
@@ -218,8 +221,7 @@ def test_ids_with_dots_and_slashes_round_trip(manifest, tiny_llama, tmp_path: Pa
     'zero_slt_0.8', Lhotse cut ids 'spk/utt.1') must still group into one sample each and read back exactly."""
     import gzip
 
-    from diva.student.training.data import read_shard
-    from diva.teacher_cache.read import shard_paths
+    from diva.teacher_cache.read import read_shard
 
     dotted = tmp_path / "m"
     shutil.copytree(manifest, dotted)
@@ -231,7 +233,8 @@ def test_ids_with_dots_and_slashes_round_trip(manifest, tiny_llama, tmp_path: Pa
     cfg = _cfg()
     build_cache(dotted, tmp_path / "c", tiny_llama, cfg.cache, cfg.runtime)
     assert read_index(tmp_path / "c")["rows"] == 6
-    ids = [s["id"] for path in shard_paths(tmp_path / "c", "tar") for s in read_shard(path, "float32")]
+    shards = range(len(read_index(tmp_path / "c")["shards"]))
+    ids = [s["id"] for k in shards for s in read_shard(tmp_path / "c", k, "float32")]
     assert sorted(ids) == sorted(r["id"] for r in records)
 
 

@@ -4,12 +4,10 @@ forward on the tiny random teacher; readable with no project code; settings in t
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +21,9 @@ from diva.manifests.prepare import import_corpus
 from diva.teacher_cache.build import build_cache
 from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.prompt import eos_token_ids
-from diva.teacher_cache.read import load_npy_zst, open_table, stream_samples
+from diva.teacher_cache.read import open_table, stream_samples
 from diva.teacher_cache.verify import verify_cache
-from diva.teacher_cache.write import from_stored, npy_zst, sha256_file
+from diva.teacher_cache.write import from_stored, sha256_file
 
 ANSWER_TOKENS = 6
 TEXTS = ["mend the coat", "What is the capital of France?", "seven", "the birch canoe slid on the smooth planks",
@@ -101,8 +99,6 @@ def test_answers_and_hidden_targets_equal_a_direct_forward(hidden_cache: Path, m
         sample = samples[row["id"]]
         assert sample["answer_ids"].tolist() == row["answer_ids"]
         np.testing.assert_array_equal(sample["answer_hidden"], np.array(row["answer_hidden"], dtype=np.float32))
-        assert sample["meta"]["answer_text"] == row["answer_text"]
-        assert sample["meta"]["n_answer"] == len(row["answer_ids"])
 
 
 def test_topk_targets_equal_the_teachers_log_softmax(manifest, tiny_llama, model, tmp_path: Path) -> None:
@@ -137,16 +133,15 @@ def test_ids_only_answers_and_16_bit_storage(manifest, tiny_llama, hidden_cache,
 def test_readers_need_no_project_code(hidden_cache: Path) -> None:
     code = f"""
 import datasets, webdataset, glob, json
-files = sorted(glob.glob("{hidden_cache}/shards/*.parquet"))
+files = sorted(glob.glob("{hidden_cache}/teacher/*.parquet"))
 ds = datasets.load_dataset("parquet", data_files=files, split="train")
-samples = list(webdataset.WebDataset(sorted(glob.glob("{hidden_cache}/shards/*.tar")), shardshuffle=False))
 print(json.dumps({{"ids": ds[0]["answer_ids"], "text": ds[0]["answer_text"], "hidden": len(ds[0]["answer_hidden"]),
-                   "members": sorted(k for k in samples[0] if not k.startswith("__"))}}))
+                   "width": len(ds[0]["answer_hidden"][0])}}))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["hidden"] == len(summary["ids"]) >= 1 and isinstance(summary["text"], str)
-    assert {"answer_ids.npy.zst", "answer_hidden.npy.zst"} <= set(summary["members"])
+    assert summary["width"] == 128
 
 
 def test_answer_settings_are_fingerprinted(manifest, tiny_llama, hidden_cache, tmp_path: Path) -> None:
@@ -169,23 +164,22 @@ def test_stored_answers_round_trip_bfloat16(manifest, tiny_llama, hidden_cache, 
         np.testing.assert_allclose(back, np.array(full[key]["answer_hidden"], dtype=np.float32), rtol=1e-2, atol=1e-2)
 
 
-def test_verify_checks_the_answer_members(hidden_cache: Path, tmp_path: Path) -> None:
+def test_verify_checks_the_answer_columns(hidden_cache: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     assert verify_cache(hidden_cache).ok
     damaged = tmp_path / "damaged"
     shutil.copytree(hidden_cache, damaged)
-    tar_path = damaged / "shards" / "00000.tar"
-    with tarfile.open(tar_path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(tar_path, "w") as tar:  # the first sample's answer hidden states lose a row
-        cut = False
-        for member, data in members:
-            if member.name.endswith("answer_hidden.npy.zst") and not cut:
-                data, cut = npy_zst(load_npy_zst(data)[:-1]), True
-                member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    index_path = damaged / "index.json"  # a writer bug, not a torn file: the index agrees with the tar
+    path = damaged / "teacher" / "00000.parquet"
+    table = pq.read_table(path)
+    rows = table.column("answer_hidden").to_pylist()
+    rows[0] = rows[0][:-1]  # the first row's answer hidden states lose a row
+    column = pa.array(rows, table.schema.field("answer_hidden").type)
+    pq.write_table(table.set_column(table.column_names.index("answer_hidden"), "answer_hidden", column), path)
+    index_path = damaged / "index.json"  # a writer bug, not a torn file: the index agrees with the Parquet
     index = json.loads(index_path.read_text())
-    index["shards"][0]["files"]["tar"] = {"bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path)}
+    index["shards"][0]["files"]["teacher/00000.parquet"] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     index_path.write_text(json.dumps(index))
     problems = verify_cache(damaged).problems
     assert any("answer_hidden has shape" in p for p in problems), problems

@@ -43,7 +43,7 @@ from diva.student.training.data import (
 from diva.student.training.distributed import Dist, check_shards
 from diva.student.training.train import lr_factor, train
 from diva.teacher_cache.build import build_cache
-from diva.teacher_cache.index import CacheError
+from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.read import open_table
 
 RUNTIME = RuntimeConfig(device="cpu", dtype="float32", threads=1, seed=0)
@@ -118,11 +118,11 @@ def test_data_order_is_a_function_of_seed_and_epoch(caches: dict[str, Path]) -> 
 def test_shard_windows_mix_neighbouring_shards_and_resume_exactly(caches: dict[str, Path]) -> None:
     """The train cache stores 4 rows per shard; a window of 3 shards pools 12 rows, so a batch can hold rows of
     several shards, the epoch still holds every row once, and a stream resumed mid-window continues exactly."""
-    from diva.student.training.data import read_shard, shard_order, windows_of
-    from diva.teacher_cache.read import shard_paths
+    from diva.student.training.data import shard_order, windows_of
+    from diva.teacher_cache.read import read_shard
 
-    paths = shard_paths(caches["train"], "tar")
-    shard_of = {s["id"]: k for k, p in enumerate(paths) for s in read_shard(p, "float32")}
+    paths = range(len(read_index(caches["train"])["shards"]))
+    shard_of = {s["id"]: k for k in paths for s in read_shard(caches["train"], k, "float32")}
     plain = [s["id"] for s in epoch_samples(caches["train"], seed=3, epoch=1)]
     pooled = [s["id"] for s in epoch_samples(caches["train"], seed=3, epoch=1, window=3)]
     assert sorted(pooled) == sorted(plain) and pooled != plain

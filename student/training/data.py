@@ -1,6 +1,7 @@
 """Cache samples -> training batches, in an order that is a pure function of (seed, epoch).
 
-    tar shards --(seeded shard permutation, seeded shuffle within each window of `shuffle_shards` shards)--> samples
+    shards (teacher rows joined with their audio)
+               --(seeded shard permutation, seeded shuffle within each window of `shuffle_shards` shards)--> samples
                --(group by batch_size)--> audio bytes -> 16 kHz waveforms -> log-mel   [DataLoader workers]
                --> frozen encoder                                                       [main process]
                --> Batch(encoder_out (B, T_enc, d_w), lengths (B,), h_t (B, d), targets [(N_b, d)],
@@ -47,7 +48,7 @@ import torch
 from diva.config import ConfigError
 from diva.student.training.batches import Prepared, featurise
 from diva.teacher_cache.index import CacheError, read_index
-from diva.teacher_cache.read import decode_sample, shard_paths
+from diva.teacher_cache.read import read_shard
 
 
 @dataclass(frozen=True)
@@ -106,14 +107,6 @@ def row_order(rows: int, seed: int, epoch: int, shard: int, shuffle: bool = True
     return [int(k) for k in _rng(seed, epoch, shard + 1).permutation(rows)]
 
 
-def read_shard(path: Path, dtype: str) -> list[dict[str, Any]]:
-    """All decoded samples of one tar shard, in stored order (webdataset's own key grouping)."""
-    import webdataset as wds
-
-    pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples(handler=wds.reraise_exception))
-    return [decode_sample(s, dtype) for s in pipeline]
-
-
 WINDOW_KEY = 0x77696E  # "win": keeps the pooled windows' generators apart from the per-shard ones
 
 
@@ -135,19 +128,19 @@ def epoch_samples(
         raise ValueError(f"window must be >= 1 shard, got {window}")
     index = read_index(cache_dir)
     dtype = index["fingerprint"]["dtype"]
-    paths = shard_paths(cache_dir, "tar")
     rows = [s["rows"] for s in index["shards"]]
-    for w, shards in enumerate(windows_of(shard_order(len(paths), seed, epoch, shuffle), window)):
+    for w, shards in enumerate(windows_of(shard_order(len(rows), seed, epoch, shuffle), window)):
         size = sum(rows[k] for k in shards)
         if skip >= size:  # the whole window was consumed: do not even open its shards
             skip -= size
             continue
         samples: list[dict[str, Any]] = []
         for k in shards:
-            shard = read_shard(paths[k], dtype)
+            shard = read_shard(cache_dir, k, dtype)
             if len(shard) != rows[k]:
                 raise CacheError(
-                    f"{paths[k]} holds {len(shard)} samples but the index says {rows[k]}; verify the cache"
+                    f"{cache_dir} shard {k:05d} holds {len(shard)} samples but the index says {rows[k]}; "
+                    "verify the cache"
                 )
             samples += shard if window > 1 else [shard[r] for r in row_order(rows[k], seed, epoch, k, shuffle)]
         if window > 1 and shuffle:

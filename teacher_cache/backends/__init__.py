@@ -35,13 +35,25 @@ class TeacherBackend(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(name: str, model_dir: Path, dtype: str = "float32", batch_size: int = 32, **kwargs) -> TeacherBackend:
-    """The teacher backend `name` (hf, vllm, or naive: hf one sequence at a time)."""
+def open_backend(
+    name: str,
+    model_dir: Path,
+    dtype: str = "float32",
+    batch_size: int = 32,
+    shared_prefix: int | None = None,
+    **kwargs,
+) -> TeacherBackend:
+    """The teacher backend `name` (hf, vllm, or naive: hf one sequence at a time). `shared_prefix`: how many
+    leading tokens every prompt shares (the prompt's constant prefix), given by the cache build: hf then runs
+    them once per batch and batches so that a row's outputs do not depend on its neighbours (`batch_invariant`);
+    vLLM finds shared prefixes by itself (automatic prefix caching)."""
     if name in ("hf", "naive"):
         from diva.teacher_cache.backends.hf import HFTeacher
 
         naive = name == "naive"  # the reference: one utterance at a time, every token of it
         kwargs.setdefault("reuse_prefix", not naive)
+        kwargs.setdefault("prefix_len", shared_prefix)
+        kwargs.setdefault("batch_invariant", shared_prefix is not None and not naive)  # naive: one row a batch
         return HFTeacher(model_dir, dtype=dtype, batch_size=1 if naive else batch_size, **kwargs)
     if name == "vllm":
         from diva.teacher_cache.backends.vllm import VLLMTeacher

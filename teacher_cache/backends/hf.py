@@ -6,6 +6,7 @@ answers (`generate`, transformers' own `generate` on left-padded batches) and, t
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,16 @@ class HFTeacher:
 
     With right padding and causal attention, pad positions come after every real token, so they never
     touch a real position's hidden state; h_T is read at each sequence's own last real position. With
-    `reuse_prefix` (default) the tokens every row of a batch starts with (the prompt's constant prefix) are run
-    once: their keys/values serve every row (the student's `reuse_prefix_kv` does the same on the audio side).
+    `reuse_prefix` (default) the tokens every row of a batch starts with (the prompt's constant prefix,
+    `prefix_len` tokens when given) are run once: their keys/values serve every row (the student's
+    `reuse_prefix_kv` does the same on the audio side).
+
+    `batch_invariant` (the cache build's setting): a row's outputs must not depend on the rows it is batched with,
+    so an incremental build's new rows equal a from-scratch build's. Padding and the batch's shared prefix do
+    change the low bits (matmul and softmax shapes follow the batch's longest row), so batches then hold rows of
+    one exact length only (no padding), the prefix split is `prefix_len` whatever the batch holds, and a lone row
+    runs as two copies (a one-row matmul can take another kernel). That batch size alone changes nothing is
+    checked, not guaranteed: tests/test_cache_reuse.py on the tiny model, float32 and bfloat16 on SmolLM2.
     """
 
     def __init__(
@@ -30,6 +39,8 @@ class HFTeacher:
         batch_size: int = 32,
         device: str = "auto",
         reuse_prefix: bool = True,
+        prefix_len: int | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -41,10 +52,12 @@ class HFTeacher:
         self.pad_id = 0
         self.batch_size = batch_size
         self.reuse_prefix = reuse_prefix
+        self.prefix_len = prefix_len
+        self.batch_invariant = batch_invariant
 
     @torch.inference_mode()
     def _forward(self, batch: list[list[int]]) -> np.ndarray:
-        shared = common_prefix(batch) if self.reuse_prefix else 0
+        shared = self._shared(batch) if self.reuse_prefix else 0
         if shared >= MIN_SHARED_PREFIX:
             return self._forward_after_prefix(batch, shared)
         input_ids, mask, lengths = self._right_padded(batch)
@@ -53,6 +66,18 @@ class HFTeacher:
         ).last_hidden_state  # (B, T, d), after the final norm
         last = hidden[torch.arange(len(batch)), (lengths - 1).to(self.device)]  # (B, d)
         return last.float().cpu().numpy()
+
+    def _shared(self, batch: list[list[int]]) -> int:
+        """Where the rows are split into the prefix run once and each row's rest. With `prefix_len` (the prompt's
+        constant prefix) the split is the same whatever else is in the batch, so a row's h_T does not depend on
+        its neighbours (an incremental build's new rows equal a from-scratch build's); without it, the tokens
+        this batch's rows happen to share."""
+        shared = common_prefix(batch)
+        if self.prefix_len is None and not self.batch_invariant:
+            return shared
+        if self.prefix_len is None:
+            return 0
+        return self.prefix_len if shared >= self.prefix_len else 0
 
     def _forward_after_prefix(self, batch: list[list[int]], shared: int) -> np.ndarray:
         """h_T of rows that all start with the same `shared` tokens (the chat template's system turn and the user
@@ -90,9 +115,16 @@ class HFTeacher:
         return out  # type: ignore[return-value]
 
     def _batches(self, batch: list[list[int]]) -> list[list[int]]:
-        """Positions of `batch` in chunks of batch_size, shortest first (similar lengths pad little)."""
+        """Positions of `batch` in chunks of batch_size, shortest first (similar lengths pad little); with
+        `batch_invariant`, chunks of one exact length, a lone row listed twice (see the class docstring)."""
         order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
-        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if not self.batch_invariant:
+            return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        chunks: list[list[int]] = []
+        for _, group in itertools.groupby(order, key=lambda i: len(batch[i])):
+            same = list(group)
+            chunks += [same[start : start + self.batch_size] for start in range(0, len(same), self.batch_size)]
+        return [chunk * 2 if len(chunk) == 1 else chunk for chunk in chunks]
 
     @torch.inference_mode()
     def generate(self, batch: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
