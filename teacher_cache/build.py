@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from diva.teacher_cache.reuse import ReusedCaches
 from diva.teacher_cache.write import (
     Answer,
     AudioRow,
+    ShardWriter,
     TeacherRow,
     logprob_dtype,
     shard_is_complete,
@@ -60,6 +62,7 @@ from diva.teacher_cache.write import (
 )
 from diva.zoo.checksum import checksum_matches
 
+WRITE_QUEUE = 2  # shards waiting for the writer thread at most (each holds its rows in memory)
 FAULT_ENV = "DIVA_CACHE_FAULT"  # "after_shard:K", "mid_shard:K" or "before_index": die there (tests)
 
 
@@ -328,27 +331,46 @@ def build_cache(
                                 device=runtime.device, shared_prefix=len(prompt.prefix_ids))  # fmt: skip
 
         builder = ShardBuilder(open_teacher, tokenizer, prompt, table, cfg, stop_ids, lenders)
+        same = lenders.audio_tars if lenders else None
+
+        def write(k: int, audio: tuple | None, teacher: tuple | None) -> dict[str, int]:
+            """Shard k's files (on the writer thread), then the progress and the after_shard fault point."""
+            done = {"bytes": 0, "linked": 0, "reused": 0}
+            if audio is not None:
+                record, linked = write_audio_shard(out_dir / AUDIO, k, *audio, fault_point, same)
+                done["bytes"] += 0 if linked else record["files"]["tar"]["bytes"]
+                done["linked"] += linked
+            if teacher is not None:
+                record = write_teacher_shard(out_dir / TEACHER, k, *teacher, fault_point)
+                done["bytes"] += record["files"]["parquet"]["bytes"]
+                done["reused"] += record["rows_reused"]
+            finished.append(k)
+            if progress:
+                progress(len(finished) + len(skipped), len(mine))
+            fault_point("after_shard", k)
+            return done
+
+        finished: list[int] = []
         try:
-            for k, utts in iter_shards(manifest, cfg.shard_size, todo):
-                audio = shard_is_complete(out_dir / AUDIO, k)
-                if audio is None:
-                    rows, rejects = audio_rows(utts)
-                    same = lenders.audio_tars if lenders else None
-                    audio, was_linked = write_audio_shard(out_dir / AUDIO, k, rows, rejects, fault_point, same)
-                    linked += was_linked
-                    bytes_written += 0 if was_linked else audio["files"]["tar"]["bytes"]
-                if shard_is_complete(out_dir / TEACHER, k) is None:
-                    shas = dict(zip(audio["ids"], audio["audio_sha256"], strict=True))
-                    rows, rejects, ran = builder.build([u for u in utts if u.id in shas], shas)
-                    record = write_teacher_shard(out_dir / TEACHER, k, teacher_table(rows, cfg.dtype, hidden_size,
-                                                 prompt_ids), rejects, ran, fault_point)  # fmt: skip
-                    utterances += len(rows)
-                    computed, reused = computed + ran, reused + record["rows_reused"]
-                    bytes_written += record["files"]["parquet"]["bytes"]
-                written.append(k)
-                if progress:
-                    progress(len(written) + len(skipped), len(mine))
-                fault_point("after_shard", k)
+            with ShardWriter(depth=WRITE_QUEUE) as writer:
+                for k, utts in iter_shards(manifest, cfg.shard_size, todo):
+                    audio, teacher = None, None
+                    stored = shard_is_complete(out_dir / AUDIO, k)
+                    if stored is None:
+                        rows, rejects = audio_rows(utts)
+                        audio = (rows, rejects)
+                        shas = {r.utt.id: r.audio_sha256 for r in rows}
+                    else:
+                        shas = dict(zip(stored["ids"], stored["audio_sha256"], strict=True))
+                    if shard_is_complete(out_dir / TEACHER, k) is None:
+                        rows, rejects, ran = builder.build([u for u in utts if u.id in shas], shas)
+                        teacher = (teacher_table(rows, cfg.dtype, hidden_size, prompt_ids), rejects, ran)
+                        utterances, computed = utterances + len(rows), computed + ran
+                    writer.submit(partial(write, k, audio, teacher))
+                    written.append(k)
+                for done in writer.results():
+                    bytes_written, linked, reused = (bytes_written + done["bytes"], linked + done["linked"],
+                                                     reused + done["reused"])  # fmt: skip
         finally:
             builder.close()
         tokens = builder.tokens_run

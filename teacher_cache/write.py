@@ -278,3 +278,45 @@ def shard_is_complete(shard_dir: Path, k: int) -> dict[str, Any] | None:
         if not path.is_file() or path.stat().st_size != facts["bytes"]:
             return None
     return record
+
+
+class ShardWriter:
+    """Writes shards on one background thread, at most `depth` jobs queued, so the teacher computes shard k + 1
+    while shard k is encoded, compressed, hashed and written (Parquet, zstd, sha256 and file writes release the
+    GIL). `submit` blocks while the queue is full (memory stays bounded: `depth` shards of rows); results come
+    back in submission order from `results()`, and the first job's error is raised there or at `close`."""
+
+    def __init__(self, depth: int = 2) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diva-shard-writer")
+        self._slots = threading.BoundedSemaphore(depth)
+        self._futures: list[Any] = []
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        for future in self._futures:  # an earlier job's error stops the build before more teacher work
+            if future.done() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+        self._slots.acquire()
+
+        def run() -> Any:
+            try:
+                return job()
+            finally:
+                self._slots.release()
+
+        self._futures.append(self._pool.submit(run))
+
+    def results(self) -> list[Any]:
+        """Every job's result, in submission order, after waiting for them all."""
+        return [future.result() for future in self._futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
