@@ -1,7 +1,7 @@
 """The trainer's input pipeline (samples/s) against the rate the training step consumes, and torch log-mel
 against transformers' WhisperFeatureExtractor, in one run.
 
-Pipeline: `student.training.data.TrainBatches` in this process (what one DataLoader worker does): read the tar shards,
+Pipeline: `student.training.data.TrainBatches` in this process (what one DataLoader worker does): read the shards,
 decode the samples, decode and resample the audio to 16 kHz, log-mel (trimmed as the demo preset trains),
 for `--batches` batches without encoder-output reuse (every row featurised, as in a first epoch). The step's
 rate comes from bench/results/train_cost.json (the variant with the same mel trimming and prefix K/V reuse);
@@ -25,9 +25,9 @@ from _common import RESULTS, headline, machine, md_table, write_results
 
 from diva.student.model.features import log_mel
 from diva.student.training.batches import waveform
-from diva.student.training.data import MixPosition, TrainBatches, read_shard
+from diva.student.training.data import MixPosition, TrainBatches
 from diva.teacher_cache.index import read_index
-from diva.teacher_cache.read import shard_paths
+from diva.teacher_cache.read import read_shard
 from diva.zoo.resolve import resolve_model
 
 STEP_VARIANT = "+ trim + prefix K/V once per batch"
@@ -74,7 +74,7 @@ def main() -> None:
     step_rate = 1 / step["s_per_utterance"] if step else None
 
     dtype = read_index(args.cache)["fingerprint"]["dtype"]
-    audios = [waveform(s) for s in read_shard(shard_paths(args.cache, "tar")[0], dtype)[: args.batch]]
+    audios = [waveform(s) for s in read_shard(args.cache, 0, dtype)[: args.batch]]
     numpy_fe = WhisperFeatureExtractor.from_pretrained(resolve_model("whisper-tiny.en"))
     numpy_fe._torch_extract_fbank_features = numpy_fe._np_extract_fbank_features  # its no-torch path
     call = lambda x: x(audios, sampling_rate=16000, return_tensors="np").input_features  # noqa: E731

@@ -278,6 +278,183 @@ def _index_is_current(out_dir: Path, fingerprint: dict[str, Any]) -> bool:
     return index.get("fingerprint") == fingerprint and all(s["files"] == on_disk(s["shard"]) for s in index["shards"])
 
 
+@dataclass(frozen=True)
+class TeacherSide:
+    """What every shard of a build needs from the teacher folder besides the model: the tokenizer, the prompt,
+    the embedding table and the stop ids."""
+
+    tokenizer: Any
+    prompt: PromptSpec
+    table: np.ndarray
+    stop_ids: list[int]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.table.shape[1])
+
+    @classmethod
+    def load(cls, teacher_dir: Path, cfg: CacheConfig) -> TeacherSide:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        stop_ids = eos_token_ids(teacher_dir, tokenizer) if cfg.answer_tokens else []
+        return cls(tokenizer, build_prompt(tokenizer, cfg.date_string), embedding_table(teacher_dir), stop_ids)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What is left to write of shard k: its audio shard (rows, rejects) and its teacher shard (table, rejects,
+    rows the teacher ran), each None when already complete on disk."""
+
+    k: int
+    audio: tuple[list[AudioRow], list[dict]] | None
+    teacher: tuple[Any, list[dict], int] | None
+
+    @property
+    def teacher_rows(self) -> int:
+        return 0 if self.teacher is None else self.teacher[0].num_rows
+
+
+class ShardMaker:
+    """Makes and writes the shards of one build in one process (the local engine's, or one Ray actor's): `make`
+    reads the audio and runs the teacher (or takes reused rows), `write` writes the files. The teacher opens on
+    first use."""
+
+    def __init__(
+        self, out_dir: Path, teacher_dir: Path, cfg: CacheConfig, runtime: RuntimeConfig, side: TeacherSide,
+        fingerprint: dict[str, Any], reuse: list[Path],
+    ) -> None:  # fmt: skip
+        from diva.teacher_cache.backends import open_backend
+
+        self.out_dir, self.cfg, self.side = Path(out_dir), cfg, side
+        self.lenders = ReusedCaches(reuse, fingerprint) if reuse else None
+
+        def open_teacher():
+            return open_backend(cfg.backend, teacher_dir, dtype=runtime.dtype, batch_size=cfg.batch_size,
+                                device=runtime.device, shared_prefix=len(side.prompt.prefix_ids))  # fmt: skip
+
+        self.builder = ShardBuilder(open_teacher, side.tokenizer, side.prompt, side.table, cfg, side.stop_ids,
+                                    self.lenders)  # fmt: skip
+
+    def make(self, k: int, utts: list[Utterance]) -> ShardJob:
+        audio, teacher = None, None
+        stored = shard_is_complete(self.out_dir / AUDIO, k)
+        if stored is None:
+            audio = audio_rows(utts)
+            shas = {r.utt.id: r.audio_sha256 for r in audio[0]}
+        else:
+            shas = dict(zip(stored["ids"], stored["audio_sha256"], strict=True))
+        if shard_is_complete(self.out_dir / TEACHER, k) is None:
+            rows, rejects, ran = self.builder.build([u for u in utts if u.id in shas], shas)
+            prompt_ids = (self.side.prompt.prefix_ids, self.side.prompt.suffix_ids)
+            teacher = (teacher_table(rows, self.cfg.dtype, self.side.hidden_size, prompt_ids), rejects, ran)
+        return ShardJob(k, audio, teacher)
+
+    def write(self, job: ShardJob) -> dict[str, int]:
+        """Shard k's files; what was written: {"bytes", "linked" (audio tars hard-linked), "computed", "reused"}."""
+        done = {"bytes": 0, "linked": 0, "computed": 0, "reused": 0, "rows": job.teacher_rows}
+        if job.audio is not None:
+            same = self.lenders.audio_tars if self.lenders else None
+            record, linked = write_audio_shard(self.out_dir / AUDIO, job.k, *job.audio, fault_point, same)
+            done["bytes"] += 0 if linked else record["files"]["tar"]["bytes"]
+            done["linked"] += linked
+        if job.teacher is not None:
+            record = write_teacher_shard(self.out_dir / TEACHER, job.k, *job.teacher, fault_point)
+            done["bytes"] += record["files"]["parquet"]["bytes"]
+            done["computed"], done["reused"] = record["rows_computed"], record["rows_reused"]
+        return done
+
+    def close(self) -> None:
+        self.builder.close()
+
+
+@dataclass(frozen=True)
+class PreparedBuild:
+    """A build's fixed facts, checked against (or recorded in) the folder's plan.json before any shard."""
+
+    manifest: Path
+    out_dir: Path
+    teacher_dir: Path
+    cfg: CacheConfig
+    runtime: RuntimeConfig
+    side: TeacherSide
+    fingerprint: dict[str, Any]
+    plan: ShardPlan
+    reuse: list[Path]
+
+    def todo(self, worker: int = 0, workers: int = 1) -> tuple[list[int], set[int]]:
+        """(the shards of this worker, those of them not complete yet)."""
+        mine = self.plan.shards_of(worker, workers)
+        return mine, {k for k in mine if not _shard_complete(self.out_dir, k)}
+
+    def maker(self) -> ShardMaker:
+        return ShardMaker(self.out_dir, self.teacher_dir, self.cfg, self.runtime, self.side, self.fingerprint,
+                          self.reuse)  # fmt: skip
+
+
+def prepare_build(
+    manifest: Path, out_dir: Path, teacher_dir: Path, cfg: CacheConfig, runtime: RuntimeConfig | None = None,
+    reuse: list[Path] | None = None,
+) -> PreparedBuild:  # fmt: skip
+    """Load the teacher side, fingerprint the build, and record (or check) plan.json."""
+    runtime = runtime or RuntimeConfig()
+    out_dir, teacher_dir, reuse = Path(out_dir), Path(teacher_dir), [Path(c) for c in reuse or []]
+    for cache in reuse:
+        if cache.resolve() == out_dir.resolve():
+            raise CacheError(f"--reuse {cache} is the folder being built; reuse an earlier cache into a new folder")
+    side = TeacherSide.load(teacher_dir, cfg)
+    fingerprint = fingerprint_of(teacher_dir, side.prompt, cfg, side.hidden_size, manifest_sha256(manifest),
+                                 side.stop_ids)  # fmt: skip
+    fingerprint = _recorded_checksum_kept(out_dir, fingerprint, teacher_dir)
+    plan = ShardPlan(rows=count_rows(manifest), shard_size=cfg.shard_size)
+    _check_plan(out_dir, {"fingerprint": fingerprint, "prompt": side.prompt.to_json(), "rows": plan.rows,
+                          "shard_size": plan.shard_size})  # fmt: skip
+    for kind in (AUDIO, TEACHER):
+        (out_dir / kind).mkdir(parents=True, exist_ok=True)
+    return PreparedBuild(Path(manifest), out_dir, teacher_dir, cfg, runtime, side, fingerprint, plan, reuse)
+
+
+def finish_build(
+    build: PreparedBuild, result: BuildResult, run: dict[str, Any], resolved_config: dict | None,
+    not_lending: dict[str, str] | None = None,
+) -> BuildResult:  # fmt: skip
+    """Write the index when every shard of the plan is complete (whoever finishes last); the result says so."""
+    out_dir, plan = build.out_dir, build.plan
+    if not all(_shard_complete(out_dir, k) for k in range(plan.num_shards)):
+        return result
+    fault_point("before_index")
+    if not result.written and _index_is_current(out_dir, build.fingerprint):
+        return replace(result, index_written=True)
+    provenance = {
+        "teacher_path": str(build.teacher_dir.resolve()), "manifest_path": str(build.manifest.resolve()),
+        "config": resolved_config or {"cache": asdict(build.cfg), "runtime": asdict(build.runtime)},
+        "made_by": f"diva {__version__}", "host": os.uname().nodename, "last_run": run,
+        "reused_from": [str(c.resolve()) for c in build.reuse], **({"not_lending": not_lending} if not_lending else {}),
+    }  # fmt: skip
+    write_index(out_dir, build.fingerprint, plan, provenance, build.side.prompt)
+    return replace(result, index_written=True)
+
+
+def run_record(engine: str, build: PreparedBuild, result: BuildResult, **extra: Any) -> dict[str, Any]:
+    """What a build call did, for the index's provenance (last_run)."""
+    seconds = result.seconds
+    return {
+        "engine": engine, "backend": build.cfg.backend, "seconds": round(seconds, 2), "utterances": result.utterances,
+        "rows_computed": result.rows_computed, "rows_reused": result.rows_reused,
+        "audio_shards_linked": result.audio_linked, "tokens": result.tokens, "bytes_written": result.bytes_written,
+        "utterances_per_s": round(result.utterances / seconds, 2) if seconds else None,
+        "tokens_per_s": round(result.tokens / seconds, 1) if seconds else None, **extra,
+    }  # fmt: skip
+
+
+def tally(out_dir: Path, written: list[int], skipped: list[int], seconds: float, tokens: int,
+          done: list[dict[str, int]]) -> BuildResult:  # fmt: skip
+    """A BuildResult from the per-shard write results."""
+    total = {key: sum(d[key] for d in done) for key in ("rows", "bytes", "computed", "reused", "linked")}
+    return BuildResult(out_dir, written, skipped, False, seconds, total["rows"], tokens, total["bytes"],
+                       total["computed"], total["reused"], total["linked"])  # fmt: skip
+
+
 def build_cache(
     manifest: Path,
     out_dir: Path,
@@ -291,110 +468,38 @@ def build_cache(
     reuse: list[Path] | None = None,
 ) -> BuildResult:
     """Build (or resume) the teacher cache of `manifest` in `out_dir` with the teacher in `teacher_dir`, taking
-    the rows that still match from the caches in `reuse` (see the module docstring)."""
-    from transformers import AutoTokenizer
-
-    from diva.teacher_cache.backends import open_backend
-
+    the rows that still match from the caches in `reuse` (see the module docstring). The local engine: this
+    process runs the teacher while a writer thread writes the shards before."""
     start = time.perf_counter()
-    runtime = runtime or RuntimeConfig()
-    out_dir, teacher_dir, reuse = Path(out_dir), Path(teacher_dir), [Path(c) for c in reuse or []]
-    for cache in reuse:
-        if cache.resolve() == out_dir.resolve():
-            raise CacheError(f"--reuse {cache} is the folder being built; reuse an earlier cache into a new folder")
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    prompt = build_prompt(tokenizer, cfg.date_string)
-    table = embedding_table(teacher_dir)
-    hidden_size = int(table.shape[1])
-    stop_ids = eos_token_ids(teacher_dir, tokenizer) if cfg.answer_tokens else []
-    fingerprint = fingerprint_of(teacher_dir, prompt, cfg, hidden_size, manifest_sha256(manifest), stop_ids)
-    fingerprint = _recorded_checksum_kept(out_dir, fingerprint, teacher_dir)
-    plan = ShardPlan(rows=count_rows(manifest), shard_size=cfg.shard_size)
-    _check_plan(
-        out_dir,
-        {"fingerprint": fingerprint, "prompt": prompt.to_json(), "rows": plan.rows, "shard_size": plan.shard_size},
-    )
-    for kind in (AUDIO, TEACHER):
-        (out_dir / kind).mkdir(parents=True, exist_ok=True)
-
-    mine = plan.shards_of(worker, workers)
-    todo = {k for k in mine if not _shard_complete(out_dir, k)}
+    build = prepare_build(manifest, out_dir, teacher_dir, cfg, runtime, reuse)
+    mine, todo = build.todo(worker, workers)
     skipped = sorted(set(mine) - todo)
     written: list[int] = []
-    utterances = tokens = bytes_written = computed = reused = linked = 0
-    lenders = ReusedCaches(reuse, fingerprint) if todo and reuse else None
-    prompt_ids = (prompt.prefix_ids, prompt.suffix_ids)
+    finished: list[int] = []
+    done: list[dict[str, int]] = []
+    tokens, not_lending = 0, None
     if todo:
+        maker = build.maker()
 
-        def open_teacher():
-            return open_backend(cfg.backend, teacher_dir, dtype=runtime.dtype, batch_size=cfg.batch_size,
-                                device=runtime.device, shared_prefix=len(prompt.prefix_ids))  # fmt: skip
-
-        builder = ShardBuilder(open_teacher, tokenizer, prompt, table, cfg, stop_ids, lenders)
-        same = lenders.audio_tars if lenders else None
-
-        def write(k: int, audio: tuple | None, teacher: tuple | None) -> dict[str, int]:
+        def write(job: ShardJob) -> dict[str, int]:
             """Shard k's files (on the writer thread), then the progress and the after_shard fault point."""
-            done = {"bytes": 0, "linked": 0, "reused": 0}
-            if audio is not None:
-                record, linked = write_audio_shard(out_dir / AUDIO, k, *audio, fault_point, same)
-                done["bytes"] += 0 if linked else record["files"]["tar"]["bytes"]
-                done["linked"] += linked
-            if teacher is not None:
-                record = write_teacher_shard(out_dir / TEACHER, k, *teacher, fault_point)
-                done["bytes"] += record["files"]["parquet"]["bytes"]
-                done["reused"] += record["rows_reused"]
-            finished.append(k)
+            result = maker.write(job)
+            finished.append(job.k)
             if progress:
                 progress(len(finished) + len(skipped), len(mine))
-            fault_point("after_shard", k)
-            return done
+            fault_point("after_shard", job.k)
+            return result
 
-        finished: list[int] = []
         try:
             with ShardWriter(depth=WRITE_QUEUE) as writer:
                 for k, utts in iter_shards(manifest, cfg.shard_size, todo):
-                    audio, teacher = None, None
-                    stored = shard_is_complete(out_dir / AUDIO, k)
-                    if stored is None:
-                        rows, rejects = audio_rows(utts)
-                        audio = (rows, rejects)
-                        shas = {r.utt.id: r.audio_sha256 for r in rows}
-                    else:
-                        shas = dict(zip(stored["ids"], stored["audio_sha256"], strict=True))
-                    if shard_is_complete(out_dir / TEACHER, k) is None:
-                        rows, rejects, ran = builder.build([u for u in utts if u.id in shas], shas)
-                        teacher = (teacher_table(rows, cfg.dtype, hidden_size, prompt_ids), rejects, ran)
-                        utterances, computed = utterances + len(rows), computed + ran
-                    writer.submit(partial(write, k, audio, teacher))
+                    writer.submit(partial(write, maker.make(k, utts)))
                     written.append(k)
-                for done in writer.results():
-                    bytes_written, linked, reused = (bytes_written + done["bytes"], linked + done["linked"],
-                                                     reused + done["reused"])  # fmt: skip
+                done = writer.results()
         finally:
-            builder.close()
-        tokens = builder.tokens_run
-    seconds = time.perf_counter() - start
-    run = {
-        "worker": worker, "workers": workers, "backend": cfg.backend, "seconds": round(seconds, 2),
-        "utterances": utterances, "rows_computed": computed, "rows_reused": reused, "audio_shards_linked": linked,
-        "tokens": tokens, "bytes_written": bytes_written,
-        "utterances_per_s": round(utterances / seconds, 2) if seconds else None,
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-    }  # fmt: skip
-    result = BuildResult(out_dir, written, skipped, False, seconds, utterances, tokens, bytes_written, computed,
-                         reused, linked)  # fmt: skip
-    if all(_shard_complete(out_dir, k) for k in range(plan.num_shards)):
-        fault_point("before_index")
-        if not written and _index_is_current(out_dir, fingerprint):
-            return replace(result, index_written=True)
-        provenance = {
-            "teacher_path": str(teacher_dir.resolve()), "manifest_path": str(Path(manifest).resolve()),
-            "config": resolved_config or {"cache": asdict(cfg), "runtime": asdict(runtime)},
-            "made_by": f"diva {__version__}", "host": os.uname().nodename, "last_run": run,
-            "reused_from": [str(c.resolve()) for c in reuse],
-            **({"not_lending": lenders.not_lending} if lenders and lenders.not_lending else {}),
-        }  # fmt: skip
-        write_index(out_dir, fingerprint, plan, provenance, prompt)
-        result = replace(result, index_written=True)
-    return result
+            maker.close()
+        tokens = maker.builder.tokens_run
+        not_lending = maker.lenders.not_lending if maker.lenders else None
+    result = tally(build.out_dir, written, skipped, time.perf_counter() - start, tokens, done)
+    run = run_record("local", build, result, worker=worker, workers=workers)
+    return finish_build(build, result, run, resolved_config, not_lending)
