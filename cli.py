@@ -505,6 +505,19 @@ def cache_build(
             show_default=False,
         ),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(help="local (this process, a writer thread) or ray (a Ray Data actor pool holding the teacher; "
+                     "the same bytes; needs the ray extra)."),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="--engine ray: Ray's address (auto: this node's cluster; ray://head:10001; default: a "
+                     "local Ray, or RAY_ADDRESS). The output folder must be on a file system every node shares.",
+                     show_default=False),
+    ] = None,
+    actors: Annotated[int, typer.Option(help="--engine ray: actors in the pool (each holds a teacher).")] = 1,
+    gpus_per_actor: Annotated[float, typer.Option(help="--engine ray: GPUs each actor reserves (1 for vllm).")] = 0.0,
 ) -> None:
     """Run the teacher once over every transcript of MANIFEST and write OUT: audio/NNNNN.tar (the audio and the
     manifest rows) and teacher/NNNNN.parquet (h_T, ids, embeddings, answers), then index.json last. Re-running skips
@@ -531,10 +544,19 @@ def cache_build(
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(f"shards (worker {worker}/{workers})", total=None)
         try:
-            result = build_cache(
-                manifest, out_dir, teacher_dir, cfg.cache, cfg.runtime, worker, workers, to_dict(cfg),
-                lambda done, total: bar.update(task, completed=done, total=total), reuse=list(reuse or []),
-            )  # fmt: skip
+            args = (manifest, out_dir, teacher_dir, cfg.cache, cfg.runtime, worker, workers, to_dict(cfg),
+                    lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+            if engine == "local":
+                result = build_cache(*args, reuse=list(reuse or []))
+            elif engine == "ray":
+                try:
+                    from diva.teacher_cache.ray_engine import build_cache_ray
+                except ImportError as e:
+                    raise _fail(f"--engine ray needs Ray: pip install 'diva-distill[ray]' ({e})") from e
+                result = build_cache_ray(*args, reuse=list(reuse or []), address=ray_address, actors=actors,
+                                         gpus_per_actor=gpus_per_actor)  # fmt: skip
+            else:
+                raise _fail(f"--engine must be local or ray, got {engine!r}")
         except (UserError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
     save_config(cfg, out_dir / f"config.worker{worker}.yaml", made_by="diva cache build")

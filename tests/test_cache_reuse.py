@@ -203,3 +203,26 @@ def test_answer_targets_reuse_bit_for_bit(releases, tiny_llama, tmp_path, target
     assert (result.rows_computed, result.rows_reused) == (6, 14)
     _build(releases["n+1"], tmp_path / "scratch", tiny_llama, *sets)
     assert _contents(tmp_path / "inc") == _contents(tmp_path / "scratch")
+
+
+def test_the_ray_engine_writes_the_local_engines_bytes(releases, built, tiny_llama, tmp_path) -> None:
+    """--engine ray on a local Ray (2 CPUs, 2 actors): the same shard files as the local engine, and an
+    incremental Ray build equals the local one too."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+    import ray
+
+    from diva.teacher_cache.ray_engine import build_cache_ray
+
+    cfg = _cfg()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        result = build_cache_ray(releases["n"], tmp_path / "ray", tiny_llama, cfg.cache, cfg.runtime, actors=2)
+        assert result.index_written and result.written == [0, 1, 2, 3, 4] and result.rows_computed == 18
+        assert _contents(tmp_path / "ray") == _contents(built["n"])
+        inc = build_cache_ray(releases["n+1"], tmp_path / "ray-inc", tiny_llama, cfg.cache, cfg.runtime, actors=2,
+                              reuse=[built["n"]])  # fmt: skip
+        assert (inc.rows_computed, inc.rows_reused) == (6, 14)
+        assert _contents(tmp_path / "ray-inc") == _contents(built["scratch"])
+    finally:
+        ray.shutdown()
+    assert read_index(tmp_path / "ray")["provenance"]["last_run"]["engine"] == "ray"
