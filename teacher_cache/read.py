@@ -7,14 +7,12 @@ teacher row joined by utterance id with its audio sample (the same dict whatever
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zstandard
 
 from diva.teacher_cache.index import AUDIO, TEACHER, CacheError, read_index
 from diva.teacher_cache.write import from_stored
@@ -34,11 +32,6 @@ def open_table(cache_dir: Path):
     import pyarrow.parquet as pq
 
     return pq.ParquetDataset([str(p) for p in shard_paths(cache_dir, TEACHER)]).read()
-
-
-def load_npy_zst(data: bytes) -> np.ndarray:
-    """A tensor member of a format-1 tar sample (.npy compressed with zstandard)."""
-    return np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)), allow_pickle=False)
 
 
 def _per_row(column, rows: int) -> list[np.ndarray]:

@@ -12,7 +12,6 @@ fixed mtime, owner and mode, JSON keys are sorted, and nothing records a time or
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Callable
@@ -25,11 +24,9 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zstandard
 
 from diva.manifests.record import Utterance
 
-ZSTD_LEVEL = 3
 STORED_NUMPY = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}  # bf16 as raw 16-bit words
 STORED_ARROW = {"float16": pa.float16(), "float32": pa.float32(), "bfloat16": pa.uint16()}
 
@@ -98,12 +95,6 @@ def sample_key(utt_id: str) -> str:
     """A WebDataset key for an utterance id: '.' starts the member extension and '/' makes folders, so both
     (and '%') are percent-encoded; the exact id is in the sample's .json."""
     return quote(utt_id, safe="-_+=,@~").replace(".", "%2E")  # quote() never encodes '.' itself
-
-
-def npy_zst(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(buffer.getvalue())
 
 
 def sample_json(row: AudioRow) -> dict[str, Any]:
