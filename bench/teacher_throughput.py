@@ -52,21 +52,36 @@ def without_stale_quantization(teacher: Path, tmp: Path) -> tuple[Path, bool]:
     return copy, True
 
 
-def time_backend(name: str, teacher: Path, inputs: list[list[int]], batch: int, warmup: int) -> dict:
-    start = time.perf_counter()
+ALONE = 16  # rows run again one per call: is a row's h_T independent of the rows batched with it?
+
+
+def open_named(name: str, teacher: Path, batch: int, prefix_len: int):
+    """The backend a row of the results table names."""
     if name == "hf_full_prompt":  # the hf backend running every prompt token of every row (no prefix reuse)
-        backend = open_backend("hf", teacher, dtype="auto", batch_size=batch, reuse_prefix=False)
-    else:
-        backend = open_backend(name, teacher, dtype="auto", batch_size=batch)
+        return open_backend("hf", teacher, dtype="auto", batch_size=batch, reuse_prefix=False)
+    if name == "hf_build":  # what the cache build opens: batch-invariant batches, the prompt prefix split off
+        return open_backend("hf", teacher, dtype="auto", batch_size=batch, shared_prefix=prefix_len)
+    if name == "vllm_no_prefix_cache":  # vLLM with automatic prefix caching turned off
+        return open_backend("vllm", teacher, dtype="auto", enable_prefix_caching=False)
+    return open_backend(name, teacher, dtype="auto", batch_size=batch)
+
+
+def time_backend(name: str, teacher: Path, inputs: list[list[int]], batch: int, warmup: int, prefix_len: int) -> dict:
+    start = time.perf_counter()
+    backend = open_named(name, teacher, batch, prefix_len)
     opened = time.perf_counter() - start
     try:
         backend.final_hidden(inputs[:warmup])
         start = time.perf_counter()
         hidden = backend.final_hidden(inputs)
         seconds = time.perf_counter() - start
+        alone = [backend.final_hidden([x])[0] for x in inputs[:ALONE]]
+        invariant = sum(bool(np.array_equal(a, h)) for a, h in zip(alone, hidden, strict=False))
+        prefix_caching = getattr(backend, "prefix_caching", None)
     finally:
         backend.close()
-    return {"backend": name, "startup_s": round(opened, 2), "seconds": round(seconds, 3), "hidden": np.stack(hidden)}
+    return {"backend": name, "startup_s": round(opened, 2), "seconds": round(seconds, 3), "hidden": np.stack(hidden),
+            f"rows_bit_identical_alone_of_{ALONE}": invariant, "prefix_caching": prefix_caching}
 
 
 def main() -> None:
@@ -75,12 +90,14 @@ def main() -> None:
     parser.add_argument("--teacher", default="smollm2-135m-instruct")
     parser.add_argument("-n", type=int, default=256, help="transcripts (the manifest's first n)")
     parser.add_argument("--batch", type=int, default=32, help="the hf backend's batch size (cache.batch_size)")
-    parser.add_argument("--backends", default="naive,hf_full_prompt,hf,vllm",
-                        help="naive (the reference), hf_full_prompt (hf without the prompt prefix run once), hf, vllm")
+    parser.add_argument("--backends", default="naive,hf_full_prompt,hf,hf_build,vllm_no_prefix_cache,vllm",
+                        help="naive (the reference), hf_full_prompt (hf without the prompt prefix run once), hf, "
+                        "hf_build (hf as the cache build opens it: batch-invariant), vllm_no_prefix_cache, vllm")
     parser.add_argument("--quick", action="store_true", help="32 transcripts, no vllm")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    n, backends = (32, ["naive", "hf_full_prompt", "hf"]) if args.quick else (args.n, args.backends.split(","))
+    n, backends = (32, ["naive", "hf_full_prompt", "hf", "hf_build"]) if args.quick else (args.n,
+                                                                                         args.backends.split(","))
     from transformers import AutoTokenizer
 
     teacher = resolve_model(args.teacher)
@@ -91,9 +108,9 @@ def main() -> None:
     inputs = [teacher_input_ids(prompt, i) for i in ids]
     tokens, input_tokens = sum(map(len, ids)), sum(map(len, inputs))
     skipped = {}
-    if "vllm" in backends and (why := vllm_available()):
-        backends.remove("vllm")
-        skipped["vllm"] = why
+    if (why := vllm_available()) and (gone := [b for b in backends if b.startswith("vllm")]):
+        backends = [b for b in backends if b not in gone]
+        skipped.update(dict.fromkeys(gone, why))
     report = {
         "benchmark": "teacher_throughput",
         "manifest": str(args.manifest),
@@ -110,7 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, report["config_without_gguf_quantization"] = without_stale_quantization(teacher, Path(tmp))
         for name in backends:
-            runs[name] = time_backend(name, folder, inputs, args.batch, warmup=4)
+            runs[name] = time_backend(name, folder, inputs, args.batch, warmup=4, prefix_len=len(prompt.prefix_ids))
             print(f"{name}: start-up {runs[name]['startup_s']} s, {runs[name]['seconds']} s", flush=True)
     reference = runs.get("naive")
     for r in runs.values():
@@ -141,6 +158,15 @@ def main() -> None:
                 by["hf"]["transcript_tokens_per_s"] / by["hf_full_prompt"]["transcript_tokens_per_s"],
             )
         )
+    if "vllm" in by and "vllm_no_prefix_cache" in by:  # what vLLM's automatic prefix caching buys
+        report["summary"].append(
+            headline(
+                "teacher throughput, vllm with automatic prefix caching (transcript tokens/s)",
+                f"{by['vllm']['transcript_tokens_per_s']}",
+                f"prefix caching off {by['vllm_no_prefix_cache']['transcript_tokens_per_s']}",
+                by["vllm"]["transcript_tokens_per_s"] / by["vllm_no_prefix_cache"]["transcript_tokens_per_s"],
+            )
+        )
     if "vllm" in by:
         report["summary"].append(
             headline(
@@ -157,7 +183,8 @@ def main() -> None:
         "",
     ]
     lines += md_table(
-        ["backend", "start-up s", "encode s", "transcript tokens/s", "utterances/s", "x vs naive", "max abs diff h_T"],
+        ["backend", "start-up s", "encode s", "transcript tokens/s", "utterances/s", "x vs naive", "max abs diff h_T",
+         f"rows bit-identical run alone (of {ALONE})"],
         [
             [
                 r["backend"],
@@ -167,6 +194,7 @@ def main() -> None:
                 r["utterances_per_s"],
                 r.get("speedup_vs_naive", "-"),
                 f"{r['max_abs_diff_vs_naive']:.1e}" if "max_abs_diff_vs_naive" in r else "-",
+                r[f"rows_bit_identical_alone_of_{ALONE}"],
             ]
             for r in report["results"]
         ],

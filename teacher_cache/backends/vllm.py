@@ -190,6 +190,14 @@ class VLLMTeacher:
             self._generator = self._open("generate", runner="generate", max_logprobs=MAX_TOPK)
         return self._generator
 
+    @property
+    def prefix_caching(self) -> dict[str, bool]:
+        """Whether each open engine runs with automatic prefix caching (vLLM's default for LAST pooling and
+        generation; requests that need every prompt position, ALL pooling and prompt log-probs, skip reading it)."""
+        engines = {"pooling-all" if self._pooler_all else "pooling-last": self._pooler, "generate": self._generator}
+        return {role: bool(llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
+                for role, llm in engines.items() if llm is not None}  # fmt: skip
+
     # -- the backend interface -----------------------------------------------------------------------------
 
     def _check_lengths(self, batch: list[list[int]], extra: int = 0, what: str = "sequence") -> None:
