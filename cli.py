@@ -771,24 +771,82 @@ def chat_command(
         float, typer.Option("--top-p", help="When sampling: draw from the smallest set of tokens with this mass.")
     ] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="When sampling: the random seed.")] = 0,
+    speak: Annotated[
+        Path | None,
+        typer.Option("--speak", help="Also write the answer as speech to this WAV file (read by --voice).",
+                     show_default=False),
+    ] = None,
+    voice: Annotated[
+        str, typer.Option("--voice", help="The voice of --speak: a flite voice (slt, rms, awb, kal, ...) or piper:joe.")
+    ] = "slt",
     device: DeviceOpt = "auto",
 ) -> None:
     """Answer one spoken question with the trained student, printing the answer as it is generated."""
     import sys
 
     from diva.audio import load_audio
+    from diva.serve.speech import spoken_wav, voice_spec
     from diva.student.inference.answer import stream_answer
 
     model_dir = _model_dir(model)
+    pieces = []
     try:
+        voice = voice_spec(voice) if speak else voice  # an unknown voice fails before the model loads
         source = typer.get_binary_stream("stdin").read() if audio == "-" else Path(audio)
         samples, _ = load_audio(source, name="<stdin>" if audio == "-" else "")
         for piece in stream_answer(model_dir, samples, prompt, max_new_tokens, temperature, top_p, seed, device):
             sys.stdout.write(piece.text)
             sys.stdout.flush()
+            pieces.append(piece.text)
+        sys.stdout.write("\n")
+        if speak:
+            speak.parent.mkdir(parents=True, exist_ok=True)
+            speak.write_bytes(spoken_wav("".join(pieces), voice))
+            console.print(f"spoken answer: {speak}")
     except (UserError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
-    sys.stdout.write("\n")
+
+
+@app.command("serve")
+def serve_command(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="The address to listen on (0.0.0.0: every interface).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", help="The port to listen on.")] = 8000,
+    served_name: Annotated[
+        str | None,
+        typer.Option("--served-model-name", help="The model id clients send (default: the --model path as given).",
+                     show_default=False),
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together in one batch.")] = 8,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", help="Requests that may wait besides the running batch; more get 503.")
+    ] = 32,
+    collect_ms: Annotated[
+        float, typer.Option("--collect-ms", help="How long a batch waits after its first request for others.")
+    ] = 10.0,
+    max_audio_s: Annotated[
+        float, typer.Option("--max-audio-s", help="Longest audio taken (30 s chunks up to it; longer: 413).")
+    ] = 120.0,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body (413 past it).")] = 25.0,
+    voice: Annotated[
+        str, typer.Option("--voice", help="Spoken answers' voice when a request names none (or an OpenAI name).")
+    ] = "slt",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve the student over an OpenAI-compatible API (POST /v1/chat/completions with input_audio parts; GET
+    /v1/models, /health) and a web page at / to talk to it. Ctrl-C stops it after the open requests finish."""
+    from diva.serve.protocol import Limits
+    from diva.serve.server import ServeOptions, serve
+
+    limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_audio_s=max_audio_s)
+    options = ServeOptions(host=host, port=port, model_name=served_name, device=device, max_batch=max_batch,
+                           max_queue=max_queue, collect_ms=collect_ms, voice=voice, limits=limits)  # fmt: skip
+    try:
+        serve(_model_dir(model), options)
+    except (UserError, ValueError) as e:
+        raise _fail(str(e)) from e
 
 
 @app.command("generate")

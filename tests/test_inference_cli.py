@@ -42,11 +42,14 @@ def _invoke(args: list[str], **kw):
 
 @pytest.fixture(scope="module")
 def run(speech_dir: Path, tiny_whisper: Path, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return trained_student(speech_dir, tiny_whisper, tiny_llama, tmp_path_factory.mktemp("inference"))
+
+
+def trained_student(speech_dir: Path, tiny_whisper: Path, tiny_llama: Path, base: Path) -> dict:
     """A tiny student trained 2 steps by `diva train` on 6 digit clips; the Whisper folder is a copy of the tiny
     Whisper with a tokenizer (the tiny Llama's: its ids cover Whisper's 1,024), so the cascade can decode."""
     from transformers import AutoTokenizer
 
-    base = tmp_path_factory.mktemp("inference")
     whisper = base / "whisper"
     shutil.copytree(tiny_whisper, whisper)
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(whisper)

@@ -212,13 +212,16 @@ def decode_steps(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     on_prefill: Callable[[torch.Tensor], None] | None = None,
+    choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Decode after input embedding rows (L_b, d) (left-padded into one batch): yield the (B,) new ids per step.
 
     A finished row repeats the first stop id. Stops when every row has produced a stop id or after
     `max_new_tokens` steps. `on_prefill` gets the (B, d) final hidden state at the last input position (h_S for
-    a student row, h_T for a row of teacher token embeddings). The one decoding loop of `generate`,
-    `stream_generate` and the evaluation's teacher and cascade answers."""
+    a student row, h_T for a row of teacher token embeddings). `choose`, when given, picks the (B,) ids from the
+    (B, vocab) logits instead of `next_tokens` (the server: each row its own sampling; a stop id ends a row).
+    The one decoding loop of `generate`, `stream_generate`, the server and the evaluation's teacher and cascade
+    answers."""
     embed = student.llm.get_input_embeddings()
     embeds, mask = left_pad(rows)  # (B, L, d), (B, L)
     device = embeds.device
@@ -230,7 +233,8 @@ def decode_steps(
     if on_prefill is not None:
         on_prefill(hidden)
     for step in range(max_new_tokens):
-        token = next_tokens(student.lm_head(hidden), do_sample, temperature, top_p, generator)  # (B,)
+        logits = student.lm_head(hidden)  # (B, vocab)
+        token = choose(logits) if choose else next_tokens(logits, do_sample, temperature, top_p, generator)  # (B,)
         token = torch.where(done, stop[0], token)  # finished rows repeat a stop id, later dropped
         generated = torch.cat([generated, token[:, None]], dim=1)
         done = done | torch.isin(token, stop)
