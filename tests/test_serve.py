@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,15 +25,10 @@ from diva.cli import app as cli_app
 from diva.serve.app import create_app
 from diva.serve.engine import Batcher, Done, Piece, SpeechModel, StopText
 from diva.serve.protocol import Limits
+from diva.serve.server import free_port
 from diva.student.inference.generate import generate
 
 MAX = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -364,9 +358,9 @@ def test_sse_lines_are_openai_chunks(server, clip) -> None:
 
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
-                  "--use-fake-device-for-media-stream"]  # fmt: skip
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]  # fmt: skip
 
 
 def test_the_web_page_records_the_microphone_and_streams_the_answer(server, model, clip, speech_dir: Path,
@@ -408,3 +402,30 @@ def test_the_web_page_records_the_microphone_and_streams_the_answer(server, mode
             assert page.evaluate("document.getElementById('answer').textContent") == expected
         finally:
             browser.close()
+
+
+class FailingOnceModel:
+    """Raises on its first batch, answers the next: a failed batch is a 500 for its requests, not a dead server."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def prompt_tokens(self, instruction) -> int:
+        return 0
+
+    def run(self, jobs) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("out of memory (simulated)")
+        for job in jobs:
+            job.emit(Done("fine", "stop", 1, 1))
+
+
+def test_a_failed_batch_is_a_500_and_the_server_goes_on(clip) -> None:
+    _, b64 = clip
+    body = {"model": "m", "messages": audio_message(b64)}
+    with running(create_app(FailingOnceModel(), "m", Batcher(FailingOnceModel(), collect_s=0.0))) as url:
+        failed = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert "out of memory" in _error(failed, 500)["message"]
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()["choices"][0]["message"][
+            "content"] == "fine"  # fmt: skip
