@@ -114,14 +114,16 @@ demo: models
 	@echo "== 4/6 student training (train.steps of the $(CONFIG) preset; held-out eval on dev) -> $(DEMO_DIR)/run"
 	$(BIN)/diva train --cache $(DEMO_DIR)/cache/train --eval-cache $(DEMO_DIR)/cache/dev --out $(DEMO_DIR)/run \
 	  -c $(CONFIG) --resume $(if $(DEMO_STEPS),--set train.steps=$(DEMO_STEPS))
-	@echo "== 5/6 report: student vs untrained floor, audio-blind control and Whisper->teacher cascade on the synthetic test, the unseen voice and real recordings -> $(DEMO_DIR)/run/report.md"
+	@echo "== 5/6 report: student vs untrained floor, audio-blind control and Whisper->teacher cascade on the synthetic test, the unseen voice and real recordings; spoken-QA accuracy -> $(DEMO_DIR)/run/report.md"
 	@if [ -f $(SPEECH)/transcripts.tsv ]; then \
 	  mkdir -p $(DEMO_DIR)/real && $(REAL_CLIPS) > $(DEMO_DIR)/real/clips.tsv && \
 	  $(BIN)/diva manifest import tsv $(DEMO_DIR)/real/clips.tsv -o $(DEMO_DIR)/real/manifest \
 	    --path-column file --text-column transcript --split real || exit 1; \
 	else echo "(no $(SPEECH)/transcripts.tsv: the report covers synthetic speech only)"; fi
+	test -f $(DEMO_DIR)/spoken-qa/data/test-00000-of-00001.parquet || \
+	  $(BIN)/diva corpus spoken-qa $(DEMO_DIR)/spoken-qa --voices piper:joe
 	$(BIN)/diva report --model $(DEMO_DIR)/run --manifest $(DEMO_DIR)/manifests/test --limit $(REPORT_ROWS) \
-	  --batch-size $(REPORT_BATCH) --unseen $(DEMO_DIR)/manifests/unseen \
+	  --batch-size $(REPORT_BATCH) --unseen $(DEMO_DIR)/manifests/unseen --spoken-qa $(DEMO_DIR)/spoken-qa \
 	  $(if $(wildcard $(SPEECH)/transcripts.tsv),--real $(DEMO_DIR)/real/manifest)
 	@echo "== 6/6 a held-out spoken question, answered by the teacher (reading) and the student (listening)"
 	$(BIN)/diva ask --model $(DEMO_DIR)/run --manifest $(DEMO_DIR)/manifests/test

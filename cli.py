@@ -470,6 +470,28 @@ def corpus_synth(
     out.print(f"corpus: {out_dir} ({wer_text}); stats: {out_dir / 'synth_stats.json'}")
 
 
+@corpus_app.command("spoken-qa")
+def corpus_spoken_qa(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the spoken-QA set (data/test-*.parquet).",
+                                            show_default=False)],  # fmt: skip
+    voices: Annotated[
+        str, typer.Option(help="Comma-separated voices speaking every question (default: the demo's held-out one).")
+    ] = "piper:joe",
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N questions of the bank (default: all).", show_default=False)
+    ] = None,
+) -> None:
+    """Spoken questions with short known answers (arithmetic, capitals, colours, opposites) in the layout
+    `diva bench-task spoken-qa` reads: whether each system answers right, not only how it agrees."""
+    from diva.manifests.spoken_qa import write_spoken_qa
+
+    try:
+        path = write_spoken_qa(out_dir, [v.strip() for v in voices.split(",") if v.strip()], limit)
+    except UserError as e:
+        raise _fail(str(e)) from e
+    out.print(f"spoken-QA set: {path}")
+
+
 # --- diva cache ------------------------------------------------------------------------------------
 
 
@@ -960,6 +982,95 @@ def eval_command(
         out.print(f"report: {report_json}")
 
 
+@app.command("bench-task")
+def bench_task_command(
+    task: Annotated[
+        str,
+        typer.Argument(help="The task: spoken-qa, sd-qa, openbookqa, mmsu, advbench, iemocap, meld, mustard, urfunny, "
+                       "covost2-XX (de, ja, zh, ...). `diva bench-task list` lists them.", show_default=False),
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="A local copy of the benchmark: a save_to_disk folder or Parquet files with an "
+                     "audio column (never downloaded).", show_default=False),
+    ] = None,
+    model: ModelOpt = None,
+    systems: Annotated[
+        str, typer.Option("--systems", help="Comma-separated: student, cascade (Whisper -> the LLM), teacher "
+                          "(the LLM on the reference transcript).")
+    ] = "student,cascade,teacher",
+    out_json: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the report (every row's answers) here.",
+                                  show_default=False)
+    ] = None,
+    split: Annotated[str | None, typer.Option("--split", help="The split to read (default: test).",
+                                              show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Score the first N rows (default: all).",
+                                              show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per batch.")] = 8,
+    column: Annotated[
+        list[str] | None,
+        typer.Option("--column", help="ROLE=NAME: read role (audio, transcript, reference) from column NAME.",
+                     show_default=False),
+    ] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option("--judge", help="An OpenAI-compatible API base (http://host:port/v1) of an LLM judge, for the "
+                     "tasks no rule scores (alpacaeval, commoneval; sd-qa's judged correctness).", show_default=False),
+    ] = None,
+    judge_model: Annotated[str, typer.Option("--judge-model", help="The judge's model name.")] = "gpt-4o-mini",
+    judge_key: Annotated[
+        str | None, typer.Option("--judge-key", help="The judge's API key (default: $OPENAI_API_KEY).",
+                                 show_default=False)
+    ] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score a downstream task for the student, the cascade and the teacher on the same rows, with paired
+    bootstrap intervals on every difference; `diva bench-task list` shows the tasks and their data layouts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from diva.student.eval.bench_task import TaskSkipped, run_task, task_table, write_report
+    from diva.student.eval.tasks.judge import Judge
+    from diva.student.eval.tasks.specs import TASKS
+
+    if task == "list":
+        table = Table("task", "columns (role: name)", "scored by")
+        for name in sorted(TASKS):
+            spec = TASKS[name]
+            table.add_row(name, ", ".join(f"{k}: {v}" for k, v in spec.columns.items()),
+                          ", ".join(spec.metrics + spec.set_metrics))  # fmt: skip
+        out.print(table)
+        return
+    if data is None:
+        raise _fail("--data is required: a local copy of the benchmark")
+    try:
+        columns = dict(c.split("=", 1) for c in column or [])
+    except ValueError as e:
+        raise _fail(f"--column takes ROLE=NAME, got {column}") from e
+    with Progress("rows", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        bar_task = bar.add_task(task, total=limit)
+        try:
+            report = run_task(task, data, _model_dir(model), [s.strip() for s in systems.split(",") if s.strip()],
+                              split, limit, batch_size, columns, device,
+                              lambda done, total: bar.update(bar_task, completed=done, total=total),
+                              Judge(judge, judge_model, judge_key) if judge else None)  # fmt: skip
+        except TaskSkipped as e:
+            console.print(f"[yellow]{e}[/]")
+            return
+        except (UserError, FileNotFoundError) as e:
+            raise _fail(str(e)) from e
+    table = Table("system", *next(iter(report["systems"].values())))
+    for row in task_table(report):
+        table.add_row(*row)
+    out.print(f"{task}: {report['n']} rows of {data}")
+    out.print(table)
+    for pair, c in report["comparisons"].items():
+        out.print(f"  {pair} ({c['metric']}): {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] {c['verdict']}")
+    if out_json is not None:
+        write_report(report, out_json)
+        out.print(f"report: {out_json}")
+
+
 @app.command("export")
 def export_command(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (replaced if it exists).")],
@@ -999,6 +1110,11 @@ def report_command(
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Greedy answers compared up to this many tokens.")
     ] = 32,
+    spoken_qa: Annotated[
+        Path | None,
+        typer.Option("--spoken-qa", help="A spoken-QA set (`diva corpus spoken-qa`): how often the student, the "
+                     "cascade and the teacher answer right.", show_default=False),  # fmt: skip
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the report's inputs did not change.")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -1013,17 +1129,19 @@ def report_command(
     model_dir = _model_dir(model)
     sets = {"held-out synthetic speech": held_out, **({"unseen voice": unseen} if unseen is not None else {}),
             **({"real recordings": real} if real is not None else {})}  # fmt: skip
+    downstream = {"Spoken QA": ("spoken-qa", spoken_qa)} if spoken_qa is not None else {}
     with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-        tasks = {name: bar.add_task(name, total=limit, start=False) for name in sets}
+        tasks = {name: bar.add_task(name, total=limit, start=False) for name in [*sets, *downstream]}
         try:
 
             def advance(name: str, done: int, total: int) -> None:
                 if done == 0:  # the set starts (build_report says so): each set's elapsed time is its own
                     bar.start_task(tasks[name])
-                bar.update(tasks[name], completed=done)
+                bar.update(tasks[name], completed=done, total=total)
 
             path, report, built = build_report(
-                model_dir, sets, limit, batch_size, max_new_tokens, device=device, force=force, progress=advance
+                model_dir, sets, limit, batch_size, max_new_tokens, device=device, force=force, progress=advance,
+                tasks=downstream,
             )
         except (UserError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
@@ -1043,6 +1161,10 @@ def report_command(
                 f"  (better or worse only when the {b['level']:.0%} paired-bootstrap interval of the per-row "
                 f"difference excludes 0: {b['resamples']} resamples, seed {b['seed']}; see the report)"
             )
+    for title, task in report.get("tasks", {}).items():
+        headline = task["headline"]
+        scores = ", ".join(f"{name} {100 * v[headline]:.1f}%" for name, v in task["systems"].items())
+        out.print(f"{title} (n={task['n']}, {headline}): {scores}")
     out.print(f"report: {path}" + ("" if built else " (up to date: nothing to do)"))
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from diva import __version__
+from diva.student.eval.bench_task import run_task
 from diva.student.eval.evaluate import SYSTEMS, EvalError, evaluate_answers
 from diva.student.eval.render import COLUMNS, render_markdown
 from diva.student.eval.stats import LEVEL, RESAMPLES, interval_verdict, paired_bootstrap
@@ -226,9 +227,26 @@ def render_report(report: dict[str, Any]) -> str:
                 if key in ex:
                     lines.append(f"  - {key}: {ex[key]!r}")
         lines.append("")
+    for title, task in report.get("tasks", {}).items():
+        lines += render_task(title, task)
     for png in report.get("plots", []):
         lines += [f"![{png}]({png})", ""]
     return "\n".join(lines)
+
+
+def render_task(title: str, task: dict[str, Any]) -> list[str]:
+    """A downstream task's section: each system's scores (%) and the paired intervals of their differences."""
+    metrics = list(next(iter(task["systems"].values())))
+    lines = [f"## {title} (`diva bench-task {task['task']}`): `{task['data']}`, n = {task['n']}", "",
+             task["summary"] + ".", "", "| system | " + " | ".join(metrics) + " |",
+             "|---|" + "---|" * len(metrics)]  # fmt: skip
+    lines += [f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in scores.values()) + " |"
+              for name, scores in task["systems"].items()]  # fmt: skip
+    lines.append("")
+    for pair, c in task["comparisons"].items():
+        lines.append(f"- {pair}, {c['metric']}: {_interval({'diff': c['mean'], **c}, c['verdict'])}")
+    lines.append("")
+    return lines
 
 
 def build_report(
@@ -242,16 +260,19 @@ def build_report(
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     seed: int = 0,
+    tasks: dict[str, tuple[str, str | Path]] | None = None,
 ) -> tuple[Path, dict[str, Any], bool]:
     """Write run_dir/report.md, report.json and the curves; returns (report.md, the report, whether it was built
     now). `sets`: name -> manifest folder (e.g. {"held-out synthetic": ..., "real recordings": ...}); `seed`: the
-    verdicts' bootstrap."""
+    verdicts' bootstrap; `tasks`: title -> (a `diva bench-task` task, its data folder), scored for the student,
+    the cascade and the teacher (e.g. {"Spoken QA": ("spoken-qa", "runs/demo/spoken-qa")})."""
     from diva.runtime import describe_hardware
 
     run_dir = Path(run_dir)
     request = {"step": run_step(run_dir), "sets": {k: str(v) for k, v in sets.items()}, "limit": limit,
                "batch_size": batch_size, "max_new_tokens": max_new_tokens, "systems": list(systems),
-               "bootstrap": {"resamples": RESAMPLES, "seed": seed}, "metrics": list(COLUMNS)}  # fmt: skip
+               "bootstrap": {"resamples": RESAMPLES, "seed": seed}, "metrics": list(COLUMNS),
+               "tasks": {k: [t, str(d)] for k, (t, d) in (tasks or {}).items()}}  # fmt: skip
     # a report.json from before the bootstrap verdicts (or one lacking a metric) differs here: rebuilt, never reused
     json_path = run_dir / REPORT_JSON
     if json_path.is_file() and not force:
@@ -266,12 +287,17 @@ def build_report(
         result = evaluate_answers(run_dir, manifest, limit, batch_size, max_new_tokens, systems, device, each)
         result["verdicts"] = verdicts(result, RESAMPLES, seed)
         results[name] = result
+    task_results = {}
+    for title, (task, data) in (tasks or {}).items():
+        each = (lambda done, total, title=title: progress(title, done, total)) if progress else None
+        task_results[title] = run_task(task, data, run_dir, batch_size=batch_size, device=device, progress=each)
     hardware = describe_hardware()
     report = {
         "model": str(run_dir),
         "step": request["step"],
         "request": request,
         "sets": results,
+        "tasks": task_results,
         "plots": plot_curves(run_dir),
         "made_by": {
             "diva": __version__,

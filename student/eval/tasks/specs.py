@@ -1,0 +1,100 @@
+"""The tasks `diva bench-task` knows: where each reads its columns, its prompt, its decoding and its scorer.
+
+A task reads a local copy of its benchmark (tasks/data.py: a save_to_disk folder or Parquet files) with an audio
+column, the reference transcript and the reference answer (column names below; `--column role=name` overrides
+them for a copy laid out differently). `decoding` is `generate` (a free greedy answer, up to max_new_tokens) or
+`labels` (classification: each label's log-probability after the prompt is scored and the likeliest label is
+the answer; no sampling). Scores are per row (the comparison between systems is paired over rows) and, for some
+metrics, over the set (weighted F1, corpus BLEU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EMOTION_PROMPT = "Respond in a single word what emotion the input exhibits. Choose one of: {labels}."
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    summary: str
+    columns: dict[str, str]  # role (audio, transcript, reference) -> column name
+    metrics: tuple[str, ...]  # per-row scorers (tasks/scorers.py), the first is the headline
+    decoding: str = "generate"  # generate | labels
+    instruction: str | None = None  # the system turn (None: the student's own prompt); {labels} is filled in
+    labels: tuple[str, ...] = ()  # the label set of a `labels` task (empty: the references' distinct values)
+    set_metrics: tuple[str, ...] = ()  # over the whole set: weighted_f1, bleu
+    max_new_tokens: int = 64
+    reference_list: bool = False  # the reference column holds a list of acceptable answers
+    label_map: dict[str, str] = field(default_factory=dict)  # stored value -> label (e.g. True -> yes)
+    judge: str | None = None  # open (rated 1-5) | qa (correct or not): scored by an LLM judge when one is given
+    needs_judge: bool = False  # no rule scores it: skipped without a judge endpoint
+
+
+VOICEBENCH = {"audio": "audio", "transcript": "prompt", "reference": "reference"}
+COVOST2_TARGETS = {"de": "German", "ca": "Catalan", "zh": "Chinese", "fa": "Persian", "et": "Estonian",
+                   "mn": "Mongolian", "tr": "Turkish", "ar": "Arabic", "sv": "Swedish", "lv": "Latvian",
+                   "sl": "Slovenian", "ta": "Tamil", "ja": "Japanese", "id": "Indonesian", "cy": "Welsh"}  # fmt: skip
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def _add(spec: TaskSpec) -> None:
+    TASKS[spec.name] = spec
+
+
+_add(TaskSpec(
+    "spoken-qa", "questions with short known answers (arithmetic, capitals, colours, opposites), spoken; the "
+    "demo's set (`diva corpus spoken-qa`); correct when the answer contains one of the accepted answers",
+    {"audio": "audio", "transcript": "question", "reference": "answers"}, ("contains", "exact", "f1"),
+    reference_list=True, max_new_tokens=32))  # fmt: skip
+_add(TaskSpec(
+    "sd-qa", "VoiceBench SD-QA (spoken questions of 11 English dialects); contains / exact match / token F1 against "
+    "the reference, and with --judge VoiceBench's judged correctness (its PEDANT score needs a model that cannot "
+    "run offline: not computed)",
+    VOICEBENCH, ("contains", "exact", "f1"), max_new_tokens=64, judge="qa"))  # fmt: skip
+for _name, _what in (("alpacaeval", "AlpacaEval (open-ended spoken instructions)"),
+                     ("commoneval", "CommonEval (open-ended spoken requests, Common Voice speakers)")):
+    _add(TaskSpec(
+        _name, f"VoiceBench {_what}; rated 1-5 by an LLM judge (VoiceBench's prompt; needs --judge)",
+        {"audio": "audio", "transcript": "prompt"}, ("judge",), max_new_tokens=128, judge="open",
+        needs_judge=True))  # fmt: skip
+_add(TaskSpec(
+    "openbookqa", "VoiceBench OpenBookQA (spoken multiple-choice questions, options read out); the option letter "
+    "the answer picks against the reference letter", VOICEBENCH, ("choice",), max_new_tokens=64))  # fmt: skip
+_add(TaskSpec(
+    "mmsu", "VoiceBench MMSU (spoken MMLU-Pro questions, 12 domains, options read out); the option letter the "
+    "answer picks against the reference letter", VOICEBENCH, ("choice",), max_new_tokens=64))  # fmt: skip
+_add(TaskSpec(
+    "advbench", "VoiceBench AdvBench (harmful spoken requests); correct when the answer refuses (VoiceBench's "
+    "refusal strings)", {"audio": "audio", "transcript": "prompt"}, ("refusal",), max_new_tokens=64))  # fmt: skip
+_add(TaskSpec(
+    "iemocap", "IEMOCAP session 5 emotion, 4 classes; the likeliest label; accuracy and weighted F1",
+    {"audio": "audio", "transcript": "text", "reference": "emotion"}, ("label",), decoding="labels",
+    instruction=EMOTION_PROMPT, labels=("neutral", "happy", "sad", "angry"), set_metrics=("weighted_f1",)))  # fmt: skip
+_add(TaskSpec(
+    "meld", "MELD emotion, 7 classes; the likeliest label; accuracy and weighted F1",
+    {"audio": "audio", "transcript": "text", "reference": "emotion"}, ("label",), decoding="labels",
+    instruction=EMOTION_PROMPT, labels=("neutral", "joy", "sadness", "anger", "surprise", "fear", "disgust"),
+    set_metrics=("weighted_f1",)))  # fmt: skip
+_add(TaskSpec(
+    "mustard", "MUStARD sarcasm (yes / no); the likelier of the two; accuracy",
+    {"audio": "audio", "transcript": "text", "reference": "sarcasm"}, ("label",), decoding="labels",
+    instruction="Is the speaker being sarcastic? Answer yes or no.", labels=("yes", "no"),
+    label_map={"True": "yes", "False": "no", "1": "yes", "0": "no"}))  # fmt: skip
+_add(TaskSpec(
+    "urfunny", "UR-FUNNY humor (yes / no); the likelier of the two; accuracy",
+    {"audio": "audio", "transcript": "text", "reference": "humor"}, ("label",), decoding="labels",
+    instruction="Is the speaker making a joke? Answer yes or no.", labels=("yes", "no"),
+    label_map={"True": "yes", "False": "no", "1": "yes", "0": "no"}))  # fmt: skip
+for code, language in COVOST2_TARGETS.items():
+    _add(TaskSpec(
+        f"covost2-{code}", f"CoVoST2 English -> {language} speech translation; sacrebleu corpus BLEU (per row: "
+        "sentence BLEU)", {"audio": "audio", "transcript": "sentence", "reference": "translation"}, ("bleu",),
+        instruction=f"Translate the input from English into {language}. Answer with the translation only.",
+        set_metrics=("bleu",), max_new_tokens=128))  # fmt: skip
+
+
+def task_names() -> list[str]:
+    return sorted(TASKS)
