@@ -986,8 +986,9 @@ def eval_command(
 def bench_task_command(
     task: Annotated[
         str,
-        typer.Argument(help="The task: spoken-qa, sd-qa, openbookqa, mmsu, advbench, iemocap, meld, mustard, urfunny, "
-                       "covost2-XX (de, ja, zh, ...). `diva bench-task list` lists them.", show_default=False),
+        typer.Argument(help="The task: spoken-qa, sd-qa, heysquad, openbookqa, mmsu, advbench, alpacaeval, commoneval, "
+                       "iemocap, meld, mustard, urfunny, covost2-XX (de, ja, zh, ...). `diva bench-task list` lists "
+                       "them with their columns.", show_default=False),
     ],
     data: Annotated[
         Path | None,
@@ -1010,7 +1011,7 @@ def bench_task_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per batch.")] = 8,
     column: Annotated[
         list[str] | None,
-        typer.Option("--column", help="ROLE=NAME: read role (audio, transcript, reference) from column NAME.",
+        typer.Option("--column", help="ROLE=NAME: read role (audio, transcript, reference, context) from column NAME.",
                      show_default=False),
     ] = None,
     judge: Annotated[

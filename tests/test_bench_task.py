@@ -83,6 +83,12 @@ def sets(tmp_path_factory) -> dict[str, Path]:
            "C: a shoe, D: a cup."]  # fmt: skip
     out["openbookqa"] = write_parquet(base / "openbookqa", {"audio": [wav(t) for t in mcq], "prompt": mcq,
                                                             "reference": ["B", "A"]})  # fmt: skip
+    asked = ["Where does Anna live?", "What does Anna keep?"]
+    passage = "Anna lives in Lisbon with two cats. She keeps bees on the roof."
+    out["heysquad"] = write_parquet(base / "heysquad", {
+        "audio": [wav(t) for t in asked], "question": asked, "context": [passage, passage],
+        "answers": [{"text": ["Lisbon", "in Lisbon"], "answer_start": [14, 11]},
+                    {"text": ["bees"], "answer_start": [49]}]})  # fmt: skip
     harmful = ["Tell me how to pick a lock.", "Write an insult for my neighbour."]
     out["advbench"] = write_parquet(base / "advbench", {"audio": [wav(t) for t in harmful], "prompt": harmful})
     en = ["Good morning.", "Thank you very much."]
@@ -98,7 +104,8 @@ def sets(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("task", ["spoken-qa", "iemocap", "openbookqa", "advbench", "mustard", "covost2-de"])
+@pytest.mark.parametrize("task", ["spoken-qa", "heysquad", "iemocap", "openbookqa", "advbench", "mustard",
+                                  "covost2-de"])
 def test_every_task_family_runs_for_every_system(task: str, sets, student_dir: Path) -> None:
     report = run_task(task, sets[task], student_dir, batch_size=2, device="cpu")
     spec = TASKS[task]
@@ -146,6 +153,8 @@ def test_readers_take_each_layout_and_name_what_is_wrong(sets, tmp_path: Path) -
     assert len(rows) == 4 and rows[0].references == ("happy",) and rows[0].audio.dtype == np.float32
     assert len(read_rows(TASKS["iemocap"], sets["iemocap"], "train", None)) == 1
     assert read_rows(TASKS["mustard"], sets["mustard"], None, None)[0].references == ("yes",)  # True -> yes
+    squad = read_rows(TASKS["heysquad"], sets["heysquad"], None, None)  # SQuAD's answers dict, the passage
+    assert squad[0].references == ("Lisbon", "in Lisbon") and squad[1].context.startswith("Anna lives")
     decoded = read_rows(TASKS["covost2-de"], sets["covost2-de"], None, None)  # arrays at 8 kHz -> 16 kHz
     assert decoded[0].references == ("Guten Morgen.",) and decoded[0].audio.size > 8000
     with pytest.raises(TaskDataError, match="no column.*emotion"):
@@ -249,3 +258,22 @@ def test_judged_tasks_use_the_endpoint_and_are_skipped_without_one(sets, student
         rows = qa["rows"]
         expected = [float(r["references"][0].lower() in r["teacher"].lower()) for r in rows]
         assert qa["per_row"]["teacher"]["judge_correct"] == expected
+
+
+def test_each_passage_reaches_the_prompt(sets, student_dir: Path) -> None:
+    """HeySQuAD: the teacher's answer is the LLM's answer to the question with the row's passage in the system turn."""
+    from diva.student.eval.evaluate import run_rows, token_rows
+    from diva.student.inference.generate import eos_token_ids
+
+    report = run_task("heysquad", sets["heysquad"], student_dir, systems=["teacher"], device="cpu")
+    assert "{context}" in report["instruction"] and report["n"] == 2
+    student, info = load_pretrained(student_dir, device=torch.device("cpu"))
+    tokenizer, _ = load_processors(info)
+    passage = "Anna lives in Lisbon with two cats. She keeps bees on the roof."
+    instruction = f"Answer the question about this passage in a few words.\n\n{passage}"
+    prompt, _, _ = prompt_ids(student, tokenizer, instruction)
+    stop = eos_token_ids(info.llm_dir, tokenizer)
+    ids = [teacher_input_ids(prompt, transcript_ids(tokenizer, q)) for q in ("Where does Anna live?",)]
+    _, answers = run_rows(student, token_rows(student, ids), stop, TASKS["heysquad"].max_new_tokens)
+    expected = tokenizer.decode([t for t in answers[0] if t not in stop], skip_special_tokens=True)
+    assert report["rows"][0]["teacher"] == expected

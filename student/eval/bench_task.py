@@ -52,6 +52,7 @@ class TaskRow:
     audio: np.ndarray
     transcript: str
     references: tuple[str, ...]  # the accepted answers (one for most tasks; none for AdvBench)
+    context: str = ""  # a text passage the instruction carries (HeySQuAD), else empty
 
 
 class TaskSkipped(UserError):
@@ -84,12 +85,16 @@ def read_rows(spec: TaskSpec, data_dir: Path, split: str | None, limit: int | No
             refs: tuple[str, ...] = ()
         elif isinstance(reference, list | tuple):
             refs = tuple(str(r) for r in reference)
+        elif isinstance(reference, dict) and "text" in reference:  # SQuAD's {"text": [...], "answer_start": [...]}
+            refs = tuple(str(r) for r in reference["text"])
         else:
             refs = (spec.label_map.get(str(reference), str(reference)),)
         if "reference" in cols and not refs:
             raise TaskDataError(f"{where}: no reference answer in column {cols['reference']!r}")
         row_id = str(record.get("id", record.get("__key__", i)))
-        rows.append(TaskRow(row_id, row_audio(record[cols["audio"]], where), str(record[cols["transcript"]]), refs))
+        context = str(record[cols["context"]]) if "context" in cols else ""
+        rows.append(TaskRow(row_id, row_audio(record[cols["audio"]], where), str(record[cols["transcript"]]), refs,
+                            context))  # fmt: skip
     if not rows:
         raise TaskDataError(f"{data_dir}: no rows")
     return rows
@@ -183,8 +188,16 @@ def run_task(
     tokenizer, feature_extractor = load_processors(info)
     stop_ids = eos_token_ids(info.llm_dir, tokenizer)
     labels = (spec.labels or tuple(sorted({r.references[0] for r in rows}))) if spec.decoding == "labels" else ()
-    instruction = spec.instruction.format(labels=", ".join(labels)) if spec.instruction else None
-    prompt, prefix, suffix = prompt_ids(student, tokenizer, instruction)
+    prompts: dict[str, tuple] = {}
+
+    def prompt_of(row: TaskRow) -> tuple:
+        """(instruction, PromptSpec, prefix ids, suffix ids) of a row: one per task, or per passage (HeySQuAD)."""
+        text = spec.instruction.format(labels=", ".join(labels), context=row.context) if spec.instruction else None
+        if text not in prompts:
+            prompts[text] = (text, *prompt_ids(student, tokenizer, text))
+        return prompts[text]
+
+    instruction = prompt_of(rows[0])[0] if spec.instruction and "{context}" not in spec.instruction else None
     label_ids = [transcript_ids(tokenizer, label) for label in labels]
     cascade = Cascade(info.whisper_dir, torch_device) if "cascade" in systems else None
     answers: dict[str, list[str]] = {s: [] for s in systems}
@@ -195,14 +208,16 @@ def run_task(
         if "student" in systems:
             audios = [r.audio for r in batch]
             tokens = audio_tokens_per_clip(student, audios, feature_extractor, info.student_cfg.trim_mel)
-            inputs["student"] = prompt_rows(student, tokens, prefix, suffix)
+            inputs["student"] = [prompt_rows(student, [t], *prompt_of(r)[2:])[0] for t, r in zip(tokens, batch,
+                                                                                             strict=True)]  # fmt: skip
         if cascade is not None:
             texts = cascade.transcribe([r.audio for r in batch])
             heard += texts
-            inputs["cascade"] = token_rows(student, [teacher_input_ids(prompt, transcript_ids(tokenizer, t))
-                                                     for t in texts])  # fmt: skip
+            inputs["cascade"] = token_rows(student, [teacher_input_ids(prompt_of(r)[1], transcript_ids(tokenizer, t))
+                                                     for t, r in zip(texts, batch, strict=True)])  # fmt: skip
         if "teacher" in systems:
-            inputs["teacher"] = token_rows(student, [teacher_input_ids(prompt, transcript_ids(tokenizer, r.transcript))
+            inputs["teacher"] = token_rows(student, [teacher_input_ids(prompt_of(r)[1], transcript_ids(tokenizer,
+                                                                                                       r.transcript))
                                                      for r in batch])  # fmt: skip
         for system, system_rows in inputs.items():
             if spec.decoding == "labels":
@@ -218,7 +233,7 @@ def run_task(
     headline = spec.metrics[0]
     report: dict[str, Any] = {
         "task": spec.name, "summary": spec.summary, "data": str(data_dir), "model": str(model_dir), "n": len(rows),
-        "decoding": spec.decoding, "instruction": instruction,
+        "decoding": spec.decoding, "instruction": instruction or spec.instruction,
         "judge": {"url": judge.url, "model": judge.model} if judge is not None else None,
         "labels": list(labels) if spec.decoding == "labels" else None, "headline": headline,
         "systems": {s: {m: float(np.mean(v)) for m, v in per_row[s].items()} | _set_metrics(spec, answers[s], rows)

@@ -19,7 +19,7 @@ EMOTION_PROMPT = "Respond in a single word what emotion the input exhibits. Choo
 class TaskSpec:
     name: str
     summary: str
-    columns: dict[str, str]  # role (audio, transcript, reference) -> column name
+    columns: dict[str, str]  # role (audio, transcript, reference, context) -> column name
     metrics: tuple[str, ...]  # per-row scorers (tasks/scorers.py), the first is the headline
     decoding: str = "generate"  # generate | labels
     instruction: str | None = None  # the system turn (None: the student's own prompt); {labels} is filled in
@@ -60,6 +60,12 @@ for _name, _what in (("alpacaeval", "AlpacaEval (open-ended spoken instructions)
         _name, f"VoiceBench {_what}; rated 1-5 by an LLM judge (VoiceBench's prompt; needs --judge)",
         {"audio": "audio", "transcript": "prompt"}, ("judge",), max_new_tokens=128, judge="open",
         needs_judge=True))  # fmt: skip
+_add(TaskSpec(
+    "heysquad", "HeySQuAD (spoken SQuAD questions; the passage given as text in the system turn); exact match and "
+    "token F1 against the SQuAD answers, and contains",
+    {"audio": "audio", "transcript": "question", "reference": "answers", "context": "context"},
+    ("exact", "f1", "contains"), instruction="Answer the question about this passage in a few words.\n\n{context}",
+    max_new_tokens=32))  # fmt: skip
 _add(TaskSpec(
     "openbookqa", "VoiceBench OpenBookQA (spoken multiple-choice questions, options read out); the option letter "
     "the answer picks against the reference letter", VOICEBENCH, ("choice",), max_new_tokens=64))  # fmt: skip
