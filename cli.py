@@ -986,9 +986,9 @@ def eval_command(
 def bench_task_command(
     task: Annotated[
         str,
-        typer.Argument(help="The task: spoken-qa, sd-qa, heysquad, openbookqa, mmsu, advbench, alpacaeval, commoneval, "
-                       "iemocap, meld, mustard, urfunny, covost2-XX (de, ja, zh, ...). `diva bench-task list` lists "
-                       "them with their columns.", show_default=False),
+        typer.Argument(help="The task: spoken-qa, sd-qa, heysquad, openbookqa, mmsu, bbh, advbench, alpacaeval, "
+                       "commoneval, iemocap, meld, mustard, urfunny, covost2-XX (de, ja, zh, ...). `diva bench-task "
+                       "list` lists them with their columns.", show_default=False),
     ],
     data: Annotated[
         Path | None,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-EMOTION_PROMPT = "Respond in a single word what emotion the input exhibits. Choose one of: {labels}."
+EMOTION_PROMPT = ("Respond in a single word what emotion the input exhibits.\nIf there is no clear emotion, respond "
+                  "'Neutral'.")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ _add(TaskSpec(
     "the reference, and with --judge VoiceBench's judged correctness (its PEDANT score needs a model that cannot "
     "run offline: not computed)",
     VOICEBENCH, ("contains", "exact", "f1"), max_new_tokens=64, judge="qa"))  # fmt: skip
+_add(TaskSpec(
+    "bbh", "VoiceBench BBH (spoken Big-Bench Hard questions, human-recorded); the reference (an option such as "
+    "'(B)', 'True', 'valid') inside the answer, and with --judge the judged correctness (as Ultravox scores it)",
+    VOICEBENCH, ("contains", "exact"), max_new_tokens=128, judge="qa"))  # fmt: skip
 for _name, _what in (("alpacaeval", "AlpacaEval (open-ended spoken instructions)"),
                      ("commoneval", "CommonEval (open-ended spoken requests, Common Voice speakers)")):
     _add(TaskSpec(
@@ -75,25 +80,32 @@ _add(TaskSpec(
 _add(TaskSpec(
     "advbench", "VoiceBench AdvBench (harmful spoken requests); correct when the answer refuses (VoiceBench's "
     "refusal strings)", {"audio": "audio", "transcript": "prompt"}, ("refusal",), max_new_tokens=64))  # fmt: skip
+# The classification prompts and label words are the DiVA authors' evaluation's; the label map takes the values a
+# copy stores (lower-case names, booleans, 0/1) to those words.
+_YES_NO = {"True": "Yes", "False": "No", "1": "Yes", "0": "No", "yes": "Yes", "no": "No"}
 _add(TaskSpec(
     "iemocap", "IEMOCAP session 5 emotion, 4 classes; the likeliest label; accuracy and weighted F1",
     {"audio": "audio", "transcript": "text", "reference": "emotion"}, ("label",), decoding="labels",
-    instruction=EMOTION_PROMPT, labels=("neutral", "happy", "sad", "angry"), set_metrics=("weighted_f1",)))  # fmt: skip
+    instruction="Respond in a single word what emotion the audio represents.\nIf there is no clear emotion, respond "
+    "'Neutral'.", labels=("Anger", "Happiness", "Neutral", "Sadness"), set_metrics=("weighted_f1",),
+    label_map={"angry": "Anger", "anger": "Anger", "happy": "Happiness", "happiness": "Happiness",
+               "neutral": "Neutral", "sad": "Sadness", "sadness": "Sadness"}))  # fmt: skip
+_MELD = ("Anger", "Disgust", "Fear", "Joy", "Neutral", "Sadness", "Surprise")
 _add(TaskSpec(
     "meld", "MELD emotion, 7 classes; the likeliest label; accuracy and weighted F1",
     {"audio": "audio", "transcript": "text", "reference": "emotion"}, ("label",), decoding="labels",
-    instruction=EMOTION_PROMPT, labels=("neutral", "joy", "sadness", "anger", "surprise", "fear", "disgust"),
-    set_metrics=("weighted_f1",)))  # fmt: skip
+    instruction=EMOTION_PROMPT, labels=_MELD, set_metrics=("weighted_f1",),
+    label_map={w.lower(): w for w in _MELD}))  # fmt: skip
 _add(TaskSpec(
-    "mustard", "MUStARD sarcasm (yes / no); the likelier of the two; accuracy",
+    "mustard", "MUStARD sarcasm (Yes / No); the likelier of the two; accuracy",
     {"audio": "audio", "transcript": "text", "reference": "sarcasm"}, ("label",), decoding="labels",
-    instruction="Is the speaker being sarcastic? Answer yes or no.", labels=("yes", "no"),
-    label_map={"True": "yes", "False": "no", "1": "yes", "0": "no"}))  # fmt: skip
+    instruction="Respond whether the input is sarcastic. Answer with a simple yes or no.", labels=("Yes", "No"),
+    label_map=_YES_NO))  # fmt: skip
 _add(TaskSpec(
-    "urfunny", "UR-FUNNY humor (yes / no); the likelier of the two; accuracy",
+    "urfunny", "UR-FUNNY humor (Yes / No); the likelier of the two; accuracy",
     {"audio": "audio", "transcript": "text", "reference": "humor"}, ("label",), decoding="labels",
-    instruction="Is the speaker making a joke? Answer yes or no.", labels=("yes", "no"),
-    label_map={"True": "yes", "False": "no", "1": "yes", "0": "no"}))  # fmt: skip
+    instruction="Respond whether the input is intended to be humorous. Answer with a simple yes or no.",
+    labels=("Yes", "No"), label_map={**_YES_NO, "humor": "Yes", "not_humor": "No"}))  # fmt: skip
 for code, language in COVOST2_TARGETS.items():
     _add(TaskSpec(
         f"covost2-{code}", f"CoVoST2 English -> {language} speech translation; sacrebleu corpus BLEU (per row: "
