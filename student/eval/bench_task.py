@@ -240,6 +240,7 @@ def run_task(
                     for s in systems},
         "comparisons": {},
         "per_row": per_row,
+        "made_by": made_by(),
     }  # fmt: skip
     for i, a in enumerate(systems):
         for b in systems[i + 1 :]:
@@ -253,6 +254,18 @@ def run_task(
         for k, r in enumerate(rows)
     ]  # fmt: skip
     return report
+
+
+def made_by() -> dict[str, Any]:
+    """What made a report: the diva version, the time and the machine."""
+    import datetime as dt
+    import platform
+
+    from diva import __version__
+    from diva.runtime import describe_hardware
+
+    return {"diva": __version__, "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": platform.machine(), "hardware": describe_hardware()}  # fmt: skip
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
