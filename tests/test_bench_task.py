@@ -164,6 +164,14 @@ def test_readers_take_each_layout_and_name_what_is_wrong(sets, tmp_path: Path) -
     renamed = read_rows(TASKS["iemocap"], sets["openbookqa"], None, None,
                         {"transcript": "prompt", "reference": "reference"})  # fmt: skip
     assert renamed[1].references == ("A",)
+    with pytest.raises(TaskDataError, match="no split 'dev'"):
+        read_rows(TASKS["openbookqa"], sets["openbookqa"], "dev", None)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "part-0.parquet").write_bytes(next(sets["openbookqa"].rglob("*.parquet")).read_bytes())
+    assert len(read_rows(TASKS["openbookqa"], flat, None, None)) == 2
+    with pytest.raises(TaskDataError, match="no Parquet file names a split"):
+        read_rows(TASKS["openbookqa"], flat, "test", None)
     with pytest.raises(TaskDataError, match="no such folder"):
         read_rows(TASKS["iemocap"], tmp_path / "nowhere", None, None)
     bad = write_parquet(tmp_path / "bad", {"audio": [{"bytes": b"not audio", "path": None}], "prompt": ["x"],

@@ -59,8 +59,11 @@ def load_table(data_dir: Path, split: str | None = None) -> Any:
     named = {s: [f for f in files if s in f.relative_to(data_dir).as_posix()] for s in ("test", "validation", "dev",
                                                                                     "train")}  # fmt: skip
     present = [s for s, fs in named.items() if fs]
+    if split is not None and not present:
+        raise TaskDataError(f"{data_dir}: no Parquet file names a split, so --split {split} cannot choose; "
+                            f"drop --split to read all {len(files)} files")  # fmt: skip
     if len(present) > 1 or split is not None:
-        files = named.get(_pick_split(present or [], split, data_dir), [])
+        files = named[_pick_split(present, split, data_dir)]
     return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
 
 
