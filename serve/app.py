@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from diva.errors import UserError
 from diva.serve.engine import Batcher, Busy, Done, Event, Failed, Job, Piece
 from diva.serve.protocol import (
     ChatRequest,
@@ -79,10 +80,10 @@ class Session:
                 return
 
 
-def create_app(model: Any, model_id: str, batcher: Batcher, limits: Limits | None = None,
-               default_voice: str = "slt") -> FastAPI:  # fmt: skip
-    """The app serving `model` (a SpeechModel, or anything with its `run` and `prompt_tokens`) as `model_id`;
-    `batcher` runs its jobs and is closed (drained) when the app shuts down."""
+def create_app(model_id: str, batcher: Batcher, limits: Limits | None = None, default_voice: str = "slt"
+               ) -> FastAPI:  # fmt: skip
+    """The app serving the model `batcher` runs (a SpeechModel, or anything with its `run`) as `model_id`; the
+    batcher is closed (drained) when the app shuts down."""
     limits = limits or Limits()
     created = int(time.time())
 
@@ -134,9 +135,9 @@ def create_app(model: Any, model_id: str, batcher: Batcher, limits: Limits | Non
         try:
             session = Session(batcher, chat)
         except Busy as e:
-            raise_busy = RequestError(503, f"the server is busy ({e}); retry after {RETRY_AFTER_S} s",
-                                      kind="server_error", code="overloaded")  # fmt: skip
-            return error_response(raise_busy, {"Retry-After": str(RETRY_AFTER_S)})
+            busy = RequestError(503, f"the server is busy ({e}); retry after {RETRY_AFTER_S} s",
+                                kind="server_error", code="overloaded")  # fmt: skip
+            return error_response(busy, {"Retry-After": str(RETRY_AFTER_S)})
         cid = completion_id()
         if chat.stream:
             return StreamingResponse(_stream(session, cid, model_id, chat, voice), media_type="text/event-stream",
@@ -156,7 +157,7 @@ def create_app(model: Any, model_id: str, batcher: Batcher, limits: Limits | Non
 def _voice(voice: str | None, default: str) -> str:
     try:
         return voice_spec(voice, default)
-    except Exception as e:  # SynthError: an unknown voice
+    except UserError as e:  # SynthError: an unknown voice
         raise RequestError(400, str(e), "audio.voice") from e
 
 

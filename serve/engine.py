@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from diva.student.inference.generate import (
-    SAMPLE_RATE,
     TextPieces,
     audio_tokens_per_clip,
     decode_steps,
@@ -86,7 +85,6 @@ class Job:
     sampling: Sampling
     emit: Callable[[Event], None]
     cancelled: bool = False  # set by the HTTP side when the client has gone: the row stops at the next step
-    submitted: float = field(default_factory=time.monotonic)
 
 
 class StopText:
@@ -284,6 +282,3 @@ class Batcher:
         self._queue.put(None)  # blocks only while the queue is full, i.e. until the worker takes a job
         self._thread.join(timeout)
 
-
-def seconds_of(audio: np.ndarray) -> float:
-    return len(audio) / SAMPLE_RATE

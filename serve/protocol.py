@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from diva.audio import AudioError, load_audio
-from diva.serve.engine import SAMPLE_RATE, Sampling
+from diva.serve.engine import Sampling
+from diva.student.inference.generate import SAMPLE_RATE
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "aiff")  # what libsndfile decodes (input_audio.format)
 SAMPLING_KEYS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed")

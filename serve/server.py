@@ -59,7 +59,7 @@ def build_app(model_dir: str | Path, options: ServeOptions):
     except UserError as e:
         log.warning("spoken answers will fail: %s", e)
     batcher = Batcher(model, options.max_batch, options.max_queue, options.collect_ms / 1000)
-    app = create_app(model, options.model_name or str(model_dir), batcher, options.limits, options.voice)
+    app = create_app(options.model_name or str(model_dir), batcher, options.limits, options.voice)
     return app, batcher
 
 

@@ -12,13 +12,11 @@ import io
 import numpy as np
 import soundfile as sf
 
-from diva.errors import UserError
-from diva.manifests.voices import SynthError, check_voices, speak
+from diva.manifests.voices import check_voices, speak
 
 DEFAULT_VOICE = "slt"
 OPENAI_VOICES = {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
                  "marin", "cedar"}  # fmt: skip
-FORMATS = ("wav",)  # what `audio.format` may ask for
 SILENCE_S = 0.25  # an empty answer is this much silence
 
 
@@ -40,5 +38,3 @@ def spoken_wav(text: str, voice: str) -> bytes:
     sf.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
 
-
-__all__ = ["DEFAULT_VOICE", "FORMATS", "SynthError", "UserError", "spoken_wav", "voice_spec"]

@@ -90,7 +90,7 @@ def model(student_dir: Path) -> SpeechModel:
 @pytest.fixture(scope="module")
 def server(model: SpeechModel) -> Iterator[tuple[str, Batcher]]:
     batcher = Batcher(model, max_batch=4, max_queue=16, collect_s=0.05)
-    app = create_app(model, "diva-tiny", batcher, Limits(max_body_bytes=3 << 20, max_audio_s=40))
+    app = create_app("diva-tiny", batcher, Limits(max_body_bytes=3 << 20, max_audio_s=40))
     with running(app) as url:
         yield url, batcher
 
@@ -309,7 +309,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_shutdown_finishes_running
     batcher = Batcher(fake, max_batch=1, max_queue=1, collect_s=0.0)
     body = {"model": "m", "messages": audio_message(b64)}
     results: dict[int, httpx.Response] = {}
-    with running(create_app(fake, "m", batcher)) as url:
+    with running(create_app("m", batcher)) as url:
         def ask(i: int) -> None:
             results[i] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
 
@@ -424,7 +424,7 @@ class FailingOnceModel:
 def test_a_failed_batch_is_a_500_and_the_server_goes_on(clip) -> None:
     _, b64 = clip
     body = {"model": "m", "messages": audio_message(b64)}
-    with running(create_app(FailingOnceModel(), "m", Batcher(FailingOnceModel(), collect_s=0.0))) as url:
+    with running(create_app("m", Batcher(FailingOnceModel(), collect_s=0.0))) as url:
         failed = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
         assert "out of memory" in _error(failed, 500)["message"]
         assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()["choices"][0]["message"][

@@ -113,6 +113,3 @@ for code, language in COVOST2_TARGETS.items():
         instruction=f"Translate the input from English into {language}. Answer with the translation only.",
         set_metrics=("bleu",), max_new_tokens=128))  # fmt: skip
 
-
-def task_names() -> list[str]:
-    return sorted(TASKS)
