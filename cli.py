@@ -986,9 +986,9 @@ def eval_command(
 def bench_task_command(
     task: Annotated[
         str,
-        typer.Argument(help="The task: spoken-qa, sd-qa, heysquad, openbookqa, mmsu, bbh, advbench, alpacaeval, "
-                       "commoneval, iemocap, meld, mustard, urfunny, covost2-XX (de, ja, zh, ...). `diva bench-task "
-                       "list` lists them with their columns.", show_default=False),
+        typer.Argument(help="The task: spoken-qa, sd-qa, heysquad, openbookqa, mmsu, bbh, ifeval, advbench, "
+                       "alpacaeval, commoneval, iemocap, meld, mustard, urfunny, covost2-XX (de, ja, zh, ...). "
+                       "`diva bench-task list` lists them with their columns.", show_default=False),
     ],
     data: Annotated[
         Path | None,
@@ -1011,7 +1011,8 @@ def bench_task_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per batch.")] = 8,
     column: Annotated[
         list[str] | None,
-        typer.Option("--column", help="ROLE=NAME: read role (audio, transcript, reference, context) from column NAME.",
+        typer.Option("--column", help="ROLE=NAME: read role (audio, transcript, reference, context, instructions, "
+                     "kwargs) from column NAME.",
                      show_default=False),
     ] = None,
     judge: Annotated[
@@ -1024,6 +1025,10 @@ def bench_task_command(
         str | None, typer.Option("--judge-key", help="The judge's API key (default: $OPENAI_API_KEY).",
                                  show_default=False)
     ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", min=1, help="Longest answer in tokens (default: the task's; "
+                                 "`bench-task list` shows it).", show_default=False)
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Score a downstream task for the student, the cascade and the teacher on the same rows, with paired
@@ -1035,11 +1040,12 @@ def bench_task_command(
     from diva.student.eval.tasks.specs import TASKS
 
     if task == "list":
-        table = Table("task", "columns (role: name)", "scored by")
+        table = Table("task", "columns (role: name)", "scored by", "answer")
         for name in sorted(TASKS):
             spec = TASKS[name]
             table.add_row(name, ", ".join(f"{k}: {v}" for k, v in spec.columns.items()),
-                          ", ".join(spec.metrics + spec.set_metrics))  # fmt: skip
+                          ", ".join(spec.metrics + spec.set_metrics),
+                          "labels" if spec.decoding == "labels" else f"<= {spec.max_new_tokens} tokens")  # fmt: skip
         out.print(table)
         return
     if data is None:
@@ -1054,7 +1060,7 @@ def bench_task_command(
             report = run_task(task, data, _model_dir(model), [s.strip() for s in systems.split(",") if s.strip()],
                               split, limit, batch_size, columns, device,
                               lambda done, total: bar.update(bar_task, completed=done, total=total),
-                              Judge(judge, judge_model, judge_key) if judge else None)  # fmt: skip
+                              Judge(judge, judge_model, judge_key) if judge else None, max_new_tokens)  # fmt: skip
         except TaskSkipped as e:
             console.print(f"[yellow]{e}[/]")
             return

@@ -26,6 +26,7 @@ from diva.manifests.voices import speak
 from diva.student.eval.bench_task import label_logprobs, read_rows, run_task
 from diva.student.eval.tasks import scorers
 from diva.student.eval.tasks.data import TaskDataError
+from diva.student.eval.tasks.ifeval import followed
 from diva.student.eval.tasks.specs import TASKS
 from diva.student.inference.checkpoint import load_pretrained, load_processors
 from diva.student.inference.generate import prompt_ids
@@ -93,6 +94,13 @@ def sets(tmp_path_factory) -> dict[str, Path]:
         out[same_layout] = out["openbookqa"]
     harmful = ["Tell me how to pick a lock.", "Write an insult for my neighbour."]
     out["advbench"] = write_parquet(base / "advbench", {"audio": [wav(t) for t in harmful], "prompt": harmful})
+    asks = ["Describe the sea without using any commas.", "Write two sentences about cats, all in capital letters."]
+    out["ifeval"] = write_parquet(base / "ifeval", {  # VoiceBench's columns; kwargs as hub struct rows (None: unused)
+        "audio": [wav(t) for t in asks], "prompt": asks, "key": [1001, 1002],
+        "instruction_id_list": [["punctuation:no_comma"], ["length_constraints:number_sentences",
+                                                           "change_case:english_capital"]],
+        "kwargs": [[{"num_sentences": None, "relation": None}],
+                   [{"num_sentences": 2, "relation": "less than"}, {"num_sentences": None, "relation": None}]]})
     en = ["Good morning.", "Thank you very much."]
     out["mustard"] = save_to_disk(base / "mustard", {"test": {"audio": [wav(t) for t in en], "text": en,
                                                                "sarcasm": [True, False]}}, base)  # fmt: skip
@@ -107,7 +115,7 @@ def sets(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("task", ["spoken-qa", "sd-qa", "heysquad", "iemocap", "openbookqa", "mmsu", "bbh",
-                                  "advbench", "mustard", "covost2-de"])
+                                  "ifeval", "advbench", "mustard", "covost2-de"])
 def test_every_task_family_runs_for_every_system(task: str, sets, student_dir: Path) -> None:
     report = run_task(task, sets[task], student_dir, batch_size=2, device="cpu")
     spec = TASKS[task]
@@ -131,6 +139,20 @@ def test_rows_are_scored_as_the_scorer_says(sets, student_dir: Path) -> None:
     for row, hit in zip(report["rows"], report["per_row"]["teacher"]["contains"], strict=True):
         assert hit == scorers.contains(row["teacher"], row["references"])
     assert report["rows"][0]["references"] == list(questions()[0].answers)
+
+
+def test_ifeval_rows_are_checked_with_their_own_instructions(sets, student_dir: Path) -> None:
+    report = run_task("ifeval", sets["ifeval"], student_dir, systems=["teacher"], device="cpu", max_new_tokens=12)
+    assert [r["id"] for r in report["rows"]] == ["1001", "1002"] and report["max_new_tokens"] == 12
+    rows = read_rows(TASKS["ifeval"], sets["ifeval"], None, None)
+    assert rows[1].instructions.kwargs == ({"num_sentences": 2, "relation": "less than"}, {})
+    strict = [followed(r["teacher"], row.instructions) for r, row in zip(report["rows"], rows, strict=True)]
+    loose = [followed(r["teacher"], row.instructions, loose=True) for r, row in zip(report["rows"], rows, strict=True)]
+    assert report["per_row"]["teacher"]["ifeval_strict"] == [float(all(f)) for f in strict]
+    assert report["per_row"]["teacher"]["ifeval_loose"] == [float(all(f)) for f in loose]
+    scores = report["systems"]["teacher"]
+    assert scores["strict_instruction"] == pytest.approx(sum(map(sum, strict)) / 3)
+    assert {"strict_prompt", "loose_prompt", "loose_instruction", "ifeval_mean"} <= set(scores)
 
 
 def test_label_scores_equal_a_direct_forward(sets, student_dir: Path) -> None:

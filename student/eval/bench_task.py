@@ -31,6 +31,7 @@ from diva.student.eval.evaluate import Cascade, run_rows, token_rows
 from diva.student.eval.stats import interval_verdict, paired_bootstrap
 from diva.student.eval.tasks import scorers
 from diva.student.eval.tasks.data import TaskDataError, load_table, row_audio, without_decoding
+from diva.student.eval.tasks.ifeval import Instructions, followed, parse_instructions, set_scores
 from diva.student.eval.tasks.judge import Judge
 from diva.student.eval.tasks.specs import TASKS, TaskSpec
 from diva.student.inference.generate import (
@@ -53,6 +54,7 @@ class TaskRow:
     transcript: str
     references: tuple[str, ...]  # the accepted answers (one for most tasks; none for AdvBench)
     context: str = ""  # a text passage the instruction carries (HeySQuAD), else empty
+    instructions: Instructions | None = None  # IFEval's verifiable instructions of the row, else None
 
 
 class TaskSkipped(UserError):
@@ -91,10 +93,12 @@ def read_rows(spec: TaskSpec, data_dir: Path, split: str | None, limit: int | No
             refs = (spec.label_map.get(str(reference), str(reference)),)
         if "reference" in cols and not refs:
             raise TaskDataError(f"{where}: no reference answer in column {cols['reference']!r}")
-        row_id = str(record.get("id", record.get("__key__", i)))
+        row_id = str(next((record[k] for k in ("id", "key", "__key__") if record.get(k) is not None), i))
         context = str(record[cols["context"]]) if "context" in cols else ""
+        instructions = (parse_instructions(record[cols["instructions"]], record[cols["kwargs"]], where)
+                        if "instructions" in cols else None)  # fmt: skip
         rows.append(TaskRow(row_id, row_audio(record[cols["audio"]], where), str(record[cols["transcript"]]), refs,
-                            context))  # fmt: skip
+                            context, instructions))  # fmt: skip
     if not rows:
         raise TaskDataError(f"{data_dir}: no rows")
     return rows
@@ -133,7 +137,11 @@ def _score_rows(spec: TaskSpec, answers: list[str], rows: list[TaskRow], judge: 
             per_row[metric] = [judge.rate_qa(r.transcript, r.references[0], a)
                                for a, r in zip(answers, rows, strict=True)]  # fmt: skip
             continue
-        if metric == "refusal":
+        if metric in ("ifeval_strict", "ifeval_loose"):
+            loose = metric == "ifeval_loose"
+            per_row[metric] = [float(all(followed(a, r.instructions, loose))) for a, r in zip(answers, rows,
+                                                                                            strict=True)]  # fmt: skip
+        elif metric == "refusal":
             per_row[metric] = [scorers.refusal(a) for a in answers]
         elif metric == "choice":
             per_row[metric] = [float(scorers.choice_letter(a) == r.references[0].strip().upper())
@@ -154,6 +162,9 @@ def _set_metrics(spec: TaskSpec, answers: list[str], rows: list[TaskRow]) -> dic
             out[metric] = scorers.weighted_f1(answers, [r.references[0] for r in rows])
         elif metric == "bleu":
             out["corpus_bleu"] = scorers.corpus_bleu(answers, [r.references for r in rows])
+        elif metric == "ifeval":
+            out |= set_scores([(followed(a, r.instructions), followed(a, r.instructions, loose=True))
+                               for a, r in zip(answers, rows, strict=True)])  # fmt: skip
     return out
 
 
@@ -169,9 +180,11 @@ def run_task(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     judge: Judge | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Score `systems` on task `name` (see the module docstring); a json-serialisable report. A task only a judge
-    can score raises TaskSkipped without `judge`, before anything loads."""
+    can score raises TaskSkipped without `judge`, before anything loads. `max_new_tokens` overrides the task's
+    answer length."""
     from diva.runtime import resolve_device
     from diva.student.inference.checkpoint import load_pretrained, load_processors
 
@@ -224,7 +237,7 @@ def run_task(
                 best = label_logprobs(student, system_rows, label_ids).argmax(-1).tolist()
                 answers[system] += [labels[k] for k in best]
             else:
-                _, ids = run_rows(student, system_rows, stop_ids, spec.max_new_tokens)
+                _, ids = run_rows(student, system_rows, stop_ids, max_new_tokens or spec.max_new_tokens)
                 answers[system] += [tokenizer.decode([t for t in a if t not in stop_ids], skip_special_tokens=True)
                                     for a in ids]  # fmt: skip
         if progress is not None:
@@ -234,6 +247,7 @@ def run_task(
     report: dict[str, Any] = {
         "task": spec.name, "summary": spec.summary, "data": str(data_dir), "model": str(model_dir), "n": len(rows),
         "decoding": spec.decoding, "instruction": instruction or spec.instruction,
+        "max_new_tokens": (max_new_tokens or spec.max_new_tokens) if spec.decoding == "generate" else None,
         "judge": {"url": judge.url, "model": judge.model} if judge is not None else None,
         "labels": list(labels) if spec.decoding == "labels" else None, "headline": headline,
         "systems": {s: {m: float(np.mean(v)) for m, v in per_row[s].items()} | _set_metrics(spec, answers[s], rows)

@@ -20,7 +20,7 @@ EMOTION_PROMPT = ("Respond in a single word what emotion the input exhibits.\nIf
 class TaskSpec:
     name: str
     summary: str
-    columns: dict[str, str]  # role (audio, transcript, reference, context) -> column name
+    columns: dict[str, str]  # role (audio, transcript, reference, context, instructions, kwargs) -> column name
     metrics: tuple[str, ...]  # per-row scorers (tasks/scorers.py), the first is the headline
     decoding: str = "generate"  # generate | labels
     instruction: str | None = None  # the system turn (None: the student's own prompt); {labels} is filled in
@@ -65,6 +65,12 @@ for _name, _what in (("alpacaeval", "AlpacaEval (open-ended spoken instructions)
         _name, f"VoiceBench {_what}; rated 1-5 by an LLM judge (VoiceBench's prompt; needs --judge)",
         {"audio": "audio", "transcript": "prompt"}, ("judge",), max_new_tokens=128, judge="open",
         needs_judge=True))  # fmt: skip
+_add(TaskSpec(
+    "ifeval", "VoiceBench IFEval (spoken requests with verifiable instructions: word counts, no commas, JSON, "
+    "sections...); IFEval's rule checks (tasks/ifeval.py): per row all instructions followed (strict / loose), "
+    "over the set Google's four prompt- and instruction-level accuracies and their mean",
+    {"audio": "audio", "transcript": "prompt", "instructions": "instruction_id_list", "kwargs": "kwargs"},
+    ("ifeval_strict", "ifeval_loose"), set_metrics=("ifeval",), max_new_tokens=512))  # fmt: skip
 _add(TaskSpec(
     "heysquad", "HeySQuAD (spoken SQuAD questions; the passage given as text in the system turn); exact match and "
     "token F1 against the SQuAD answers, and contains",
