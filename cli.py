@@ -997,9 +997,10 @@ def bench_task_command(
     ] = None,
     model: ModelOpt = None,
     systems: Annotated[
-        str, typer.Option("--systems", help="Comma-separated: student, cascade (Whisper -> the LLM), teacher "
-                          "(the LLM on the reference transcript).")
-    ] = "student,cascade,teacher",
+        str | None, typer.Option("--systems", help="Comma-separated: student, cascade (Whisper -> the LLM), teacher "
+                                 "(the LLM on the reference transcript). Default: all three, or student and cascade "
+                                 "when the data has no transcripts.", show_default=False)
+    ] = None,
     out_json: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write the report (every row's answers) here.",
                                   show_default=False)
@@ -1057,7 +1058,8 @@ def bench_task_command(
     with Progress("rows", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         bar_task = bar.add_task(task, total=limit)
         try:
-            report = run_task(task, data, _model_dir(model), [s.strip() for s in systems.split(",") if s.strip()],
+            chosen = [s.strip() for s in systems.split(",") if s.strip()] if systems is not None else None
+            report = run_task(task, data, _model_dir(model), chosen,
                               split, limit, batch_size, columns, device,
                               lambda done, total: bar.update(bar_task, completed=done, total=total),
                               Judge(judge, judge_model, judge_key) if judge else None, max_new_tokens)  # fmt: skip

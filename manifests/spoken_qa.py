@@ -13,6 +13,7 @@ with a `datasets` Audio column:
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,17 +60,18 @@ def questions() -> list[Question]:
     return out
 
 
-def write_audio_parquet(path: Path, columns: dict[str, list], audio_column: str = "audio") -> Path:
-    """A Parquet file in the hub's layout: `audio_column` holds {"bytes", "path"} dicts under a `datasets.Audio`
-    feature (in the schema's metadata, as `datasets` writes it), the other columns as given. Written with pyarrow:
-    `datasets` would need torchcodec to encode audio, which is not installed beside the CPU torch."""
+def write_audio_parquet(path: Path, columns: dict[str, list], audio_columns: Sequence[str] = ("audio",)) -> Path:
+    """A Parquet file in the hub's layout: each of `audio_columns` holds {"bytes", "path"} dicts under a
+    `datasets.Audio` feature (in the schema's metadata, as `datasets` writes it), the other columns as given. Written
+    with pyarrow: `datasets` would need torchcodec to encode audio, which is not installed beside the CPU torch."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table(columns)
     features = datasets.Features.from_arrow_schema(table.schema)
-    features[audio_column] = datasets.Audio(decode=False)
+    for column in audio_columns:
+        features[column] = datasets.Audio(decode=False)
     table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

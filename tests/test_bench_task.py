@@ -40,8 +40,12 @@ def wav(text: str) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
+def audio_columns(columns: dict) -> tuple[str, ...]:
+    return tuple(k for k, v in columns.items() if isinstance(v[0], dict) and "bytes" in v[0])
+
+
 def write_parquet(folder: Path, columns: dict, name: str = "data/test-00000-of-00001.parquet") -> Path:
-    write_audio_parquet(folder / name, columns)
+    write_audio_parquet(folder / name, columns, audio_columns(columns))
     return folder
 
 
@@ -51,8 +55,8 @@ def save_to_disk(folder: Path, splits: dict[str, dict], tmp: Path) -> Path:
 
     tables = {}
     for split, columns in splits.items():
-        tables[split] = datasets.Dataset.from_parquet(str(write_audio_parquet(tmp / f"{folder.name}-{split}.parquet",
-                                                                              columns)))  # fmt: skip
+        path = write_audio_parquet(tmp / f"{folder.name}-{split}.parquet", columns, audio_columns(columns))
+        tables[split] = datasets.Dataset.from_parquet(str(path))
     (datasets.DatasetDict(tables) if len(tables) > 1 else next(iter(tables.values()))).save_to_disk(str(folder))
     return folder
 
@@ -76,8 +80,7 @@ def sets(tmp_path_factory) -> dict[str, Path]:
     out = {"spoken-qa": base / "spoken-qa"}
     write_spoken_qa(out["spoken-qa"], ["slt"], limit=4)
     texts = ["I am so glad to see you.", "Leave me alone.", "It is a normal day.", "I lost my keys again."]
-    emotions = ["happy", "angry", "neutral", "sad"]
-    emotion = {"audio": [wav(t) for t in texts], "text": texts, "emotion": emotions}
+    emotion = {"audio": [wav(t) for t in texts], "label": [1, 0, 2, 3]}  # the paper's copy: class ids, no text
     first = {k: v[:1] for k, v in emotion.items()}
     out["iemocap"] = save_to_disk(base / "iemocap", {"train": first, "test": emotion}, base)
     mcq = ["Which is a fruit? A: stone, B: apple, C: chair, D: cloud.", "Which one flies? A: a bird, B: a rock, "
@@ -86,10 +89,19 @@ def sets(tmp_path_factory) -> dict[str, Path]:
                                                             "reference": ["B", "A"]})  # fmt: skip
     asked = ["Where does Anna live?", "What does Anna keep?"]
     passage = "Anna lives in Lisbon with two cats. She keeps bees on the roof."
-    out["heysquad"] = write_parquet(base / "heysquad", {
+    out["heysquad-passage"] = write_parquet(base / "heysquad-passage", {
         "audio": [wav(t) for t in asked], "question": asked, "context": [passage, passage],
         "answers": [{"text": ["Lisbon", "in Lisbon"], "answer_start": [14, 11]},
                     {"text": ["bees"], "answer_start": [49]}]})  # fmt: skip
+    out["heysquad"] = save_to_disk(base / "heysquad", {"validation": {  # HeySQuAD_human: a list of answer dicts
+        "audio": [wav(t) for t in asked], "question": asked,
+        "answers": [[{"text": "Lisbon", "answer_start": 14}, {"text": "in Lisbon", "answer_start": 11}],
+                    [{"text": "bees", "answer_start": 49}]]}}, base)  # fmt: skip
+    dialect_q = ["What is the capital of France?", "How many legs does a spider have?"]
+    out["sd-qa-dialects"] = save_to_disk(base / "sd-qa-dialects", {"dev": {  # WillHeld/SD-QA: a column a dialect
+        "id": ["q1", "q2"], "question": dialect_q, "answers": [["Paris"], ["eight", "8"]],
+        "usa": [wav(t) for t in dialect_q], "aus": [{"bytes": wav(t)["bytes"], "path": "aus.wav"} for t in dialect_q]}},
+        base)  # fmt: skip
     for same_layout in ("mmsu", "sd-qa", "bbh"):  # VoiceBench's audio / prompt / reference, as openbookqa
         out[same_layout] = out["openbookqa"]
     harmful = ["Tell me how to pick a lock.", "Write an insult for my neighbour."]
@@ -114,19 +126,22 @@ def sets(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("task", ["spoken-qa", "sd-qa", "heysquad", "iemocap", "openbookqa", "mmsu", "bbh",
-                                  "ifeval", "advbench", "mustard", "covost2-de"])
+@pytest.mark.parametrize("task", ["spoken-qa", "sd-qa", "sd-qa-dialects", "heysquad", "heysquad-passage", "iemocap",
+                                  "openbookqa", "mmsu", "bbh", "ifeval", "advbench", "mustard", "covost2-de"])
 def test_every_task_family_runs_for_every_system(task: str, sets, student_dir: Path) -> None:
     report = run_task(task, sets[task], student_dir, batch_size=2, device="cpu")
     spec = TASKS[task]
-    assert set(report["systems"]) == {"student", "cascade", "teacher"}
+    no_text = task == "iemocap"  # the paper's IEMOCAP copy has no transcripts: no teacher
+    assert set(report["systems"]) == ({"student", "cascade"} if no_text else {"student", "cascade", "teacher"})
     assert report["n"] == len(report["rows"]) > 0
     for system, scores in report["systems"].items():
         assert set(spec.metrics) <= set(scores)
+        assert {"strict_prompt" if m == "ifeval" else m for m in spec.set_metrics} <= set(scores)
         for metric in spec.metrics:
             assert len(report["per_row"][system][metric]) == report["n"]
             assert scores[metric] == pytest.approx(np.mean(report["per_row"][system][metric]))
-    assert set(report["comparisons"]) == {"student - cascade", "student - teacher", "cascade - teacher"}
+    assert set(report["comparisons"]) == ({"student - cascade"} if no_text else
+                                          {"student - cascade", "student - teacher", "cascade - teacher"})
     for c in report["comparisons"].values():
         assert c["low"] <= c["mean"] <= c["high"] and c["verdict"] in ("better", "worse", "tie")
     if spec.decoding == "labels":
@@ -177,11 +192,19 @@ def test_readers_take_each_layout_and_name_what_is_wrong(sets, tmp_path: Path) -
     assert len(rows) == 4 and rows[0].references == ("Happiness",) and rows[0].audio.dtype == np.float32
     assert len(read_rows(TASKS["iemocap"], sets["iemocap"], "train", None)) == 1
     assert read_rows(TASKS["mustard"], sets["mustard"], None, None)[0].references == ("Yes",)  # True -> Yes
-    squad = read_rows(TASKS["heysquad"], sets["heysquad"], None, None)  # SQuAD's answers dict, the passage
+    squad = read_rows(TASKS["heysquad-passage"], sets["heysquad-passage"], None, None)  # SQuAD's answers, passage
     assert squad[0].references == ("Lisbon", "in Lisbon") and squad[1].context.startswith("Anna lives")
+    human = read_rows(TASKS["heysquad"], sets["heysquad"], None, None)  # its only split; a list of answer dicts
+    assert human[0].references == ("Lisbon", "in Lisbon") and human[0].context == ""
+    assert rows[0].transcript is None  # no transcript column
+    dialects = read_rows(TASKS["sd-qa-dialects"], sets["sd-qa-dialects"], None, None)  # the dev split, usa
+    aus = read_rows(TASKS["sd-qa-dialects"], sets["sd-qa-dialects"], None, None, {"audio": "aus"})
+    assert dialects[1].id == "q2" and dialects[1].references == ("eight", "8") and aus[1].audio.size > 8000
+    with pytest.raises(TaskDataError, match="no transcript column 'text', which the teacher reads"):
+        run_task("iemocap", sets["iemocap"], tmp_path / "not-loaded", systems=["teacher"], device="cpu")
     decoded = read_rows(TASKS["covost2-de"], sets["covost2-de"], None, None)  # arrays at 8 kHz -> 16 kHz
     assert decoded[0].references == ("Guten Morgen.",) and decoded[0].audio.size > 8000
-    with pytest.raises(TaskDataError, match="no column.*emotion"):
+    with pytest.raises(TaskDataError, match="no column.*label"):
         read_rows(TASKS["iemocap"], sets["openbookqa"], None, None)
     renamed = read_rows(TASKS["iemocap"], sets["openbookqa"], None, None,
                         {"transcript": "prompt", "reference": "reference"})  # fmt: skip
@@ -218,6 +241,8 @@ def test_scorers_match_hand_computations() -> None:
     direct = sacrebleu.corpus_bleu([same, other[0]], [[same, other[1]]]).score  # one reference stream
     assert scorers.corpus_bleu([same, other[0]], [[same], [other[1]]]) == pytest.approx(direct)
     assert scorers.corpus_bleu([same], [[same]]) == pytest.approx(100.0)
+    near = "der schnelle braune Fuchs springt über den Hund"  # per row as the DiVA authors score it
+    assert scorers.sentence_bleu(near, [same]) == pytest.approx(sacrebleu.BLEU().corpus_score([near], [[same]]).score)
 
 
 def test_the_cli_lists_tasks_and_writes_a_report(sets, student_dir: Path, tmp_path: Path) -> None:
@@ -297,7 +322,7 @@ def test_each_passage_reaches_the_prompt(sets, student_dir: Path) -> None:
     from diva.student.eval.evaluate import run_rows, token_rows
     from diva.student.inference.generate import eos_token_ids
 
-    report = run_task("heysquad", sets["heysquad"], student_dir, systems=["teacher"], device="cpu")
+    report = run_task("heysquad-passage", sets["heysquad-passage"], student_dir, systems=["teacher"], device="cpu")
     assert "{context}" in report["instruction"] and report["n"] == 2
     student, info = load_pretrained(student_dir, device=torch.device("cpu"))
     tokenizer, _ = load_processors(info)
@@ -306,6 +331,6 @@ def test_each_passage_reaches_the_prompt(sets, student_dir: Path) -> None:
     prompt, _, _ = prompt_ids(student, tokenizer, instruction)
     stop = eos_token_ids(info.llm_dir, tokenizer)
     ids = [teacher_input_ids(prompt, transcript_ids(tokenizer, q)) for q in ("Where does Anna live?",)]
-    _, answers = run_rows(student, token_rows(student, ids), stop, TASKS["heysquad"].max_new_tokens)
+    _, answers = run_rows(student, token_rows(student, ids), stop, TASKS["heysquad-passage"].max_new_tokens)
     expected = tokenizer.decode([t for t in answers[0] if t not in stop], skip_special_tokens=True)
     assert report["rows"][0]["teacher"] == expected

@@ -51,7 +51,7 @@ SYSTEMS = ("student", "cascade", "teacher")
 class TaskRow:
     id: str
     audio: np.ndarray
-    transcript: str
+    transcript: str | None  # None: the copy has no transcripts (no teacher then)
     references: tuple[str, ...]  # the accepted answers (one for most tasks; none for AdvBench)
     context: str = ""  # a text passage the instruction carries (HeySQuAD), else empty
     instructions: Instructions | None = None  # IFEval's verifiable instructions of the row, else None
@@ -72,6 +72,8 @@ def read_rows(spec: TaskSpec, data_dir: Path, split: str | None, limit: int | No
     """The task's rows from its local data (the first `limit`)."""
     cols = {**spec.columns, **(columns or {})}
     table = load_table(data_dir, split)
+    if cols["transcript"] not in table.column_names and "transcript" not in (columns or {}):
+        del cols["transcript"]  # a copy without transcripts (the paper's IEMOCAP, MELD...): no teacher
     missing = [c for c in cols.values() if c not in table.column_names]
     if missing:
         raise TaskDataError(f"{data_dir}: no column(s) {', '.join(missing)} for task {spec.name} (it has "
@@ -85,8 +87,8 @@ def read_rows(spec: TaskSpec, data_dir: Path, split: str | None, limit: int | No
         reference = record.get(cols["reference"]) if "reference" in cols else None
         if reference is None:
             refs: tuple[str, ...] = ()
-        elif isinstance(reference, list | tuple):
-            refs = tuple(str(r) for r in reference)
+        elif isinstance(reference, list | tuple):  # answers; HeySQuAD_human's are [{"text": ..., ...}, ...]
+            refs = tuple(str(r["text"]) if isinstance(r, dict) and "text" in r else str(r) for r in reference)
         elif isinstance(reference, dict) and "text" in reference:  # SQuAD's {"text": [...], "answer_start": [...]}
             refs = tuple(str(r) for r in reference["text"])
         else:
@@ -97,8 +99,9 @@ def read_rows(spec: TaskSpec, data_dir: Path, split: str | None, limit: int | No
         context = str(record[cols["context"]]) if "context" in cols else ""
         instructions = (parse_instructions(record[cols["instructions"]], record[cols["kwargs"]], where)
                         if "instructions" in cols else None)  # fmt: skip
-        rows.append(TaskRow(row_id, row_audio(record[cols["audio"]], where), str(record[cols["transcript"]]), refs,
-                            context, instructions))  # fmt: skip
+        transcript = str(record[cols["transcript"]]) if "transcript" in cols else None
+        rows.append(TaskRow(row_id, row_audio(record[cols["audio"]], where), transcript, refs, context,
+                            instructions))  # fmt: skip
     if not rows:
         raise TaskDataError(f"{data_dir}: no rows")
     return rows
@@ -160,7 +163,7 @@ def _set_metrics(spec: TaskSpec, answers: list[str], rows: list[TaskRow]) -> dic
     for metric in spec.set_metrics:
         if metric == "weighted_f1":
             out[metric] = scorers.weighted_f1(answers, [r.references[0] for r in rows])
-        elif metric == "bleu":
+        elif metric == "corpus_bleu":
             out["corpus_bleu"] = scorers.corpus_bleu(answers, [r.references for r in rows])
         elif metric == "ifeval":
             out |= set_scores([(followed(a, r.instructions), followed(a, r.instructions, loose=True))
@@ -172,7 +175,7 @@ def run_task(
     name: str,
     data_dir: str | Path,
     model_dir: str | Path,
-    systems: Sequence[str] = SYSTEMS,
+    systems: Sequence[str] | None = None,
     split: str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
@@ -192,10 +195,17 @@ def run_task(
     if spec.needs_judge and judge is None:
         raise TaskSkipped(f"{name}: skipped, only an LLM judge can score it; give an OpenAI-compatible endpoint "
                           "with --judge URL --judge-model NAME")  # fmt: skip
-    unknown = sorted(set(systems) - set(SYSTEMS))
-    if unknown or not systems:
+    unknown = sorted(set(systems or ()) - set(SYSTEMS))
+    if unknown or (systems is not None and not systems):
         raise UserError(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
     rows = read_rows(spec, Path(data_dir), split, limit, columns)
+    has_transcripts = rows[0].transcript is not None
+    if systems is None:
+        systems = SYSTEMS if has_transcripts else ("student", "cascade")
+    elif "teacher" in systems and not has_transcripts:
+        raise TaskDataError(f"{data_dir}: no transcript column {spec.columns['transcript']!r}, which the teacher "
+                            "reads; name one with --column transcript=NAME or leave the teacher out (--systems "
+                            "student,cascade)")  # fmt: skip
     torch_device = resolve_device(device)
     student, info = load_pretrained(model_dir, device=torch_device)
     tokenizer, feature_extractor = load_processors(info)

@@ -7,7 +7,8 @@
     choice        the answer's option letter, extracted as VoiceBench's MCQ evaluator does (its common
                   patterns), is the reference letter (OpenBookQA, MMSU)
     refusal       the answer contains one of VoiceBench's refusal strings (AdvBench: refusing is correct)
-    bleu          sacrebleu's corpus BLEU over the set; per row its sentence BLEU (CoVoST2)
+    bleu          per row sacrebleu's BLEU of the one answer (the mean over rows is the DiVA paper's number);
+                  over the set sacrebleu's corpus BLEU (CoVoST2)
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def _sacrebleu():
 
 
 def sentence_bleu(answer: str, references: Sequence[str]) -> float:
-    return float(_sacrebleu().sentence_bleu(answer, list(references)).score)
+    """BLEU of one answer as the DiVA authors score each row: sacrebleu's BLEU over a one-sentence corpus (their
+    CoVoST2 number is the mean of these over rows)."""
+    return float(_sacrebleu().BLEU().corpus_score([answer], [[r] for r in references]).score)
 
 
 def corpus_bleu(answers: Sequence[str], references: Sequence[Sequence[str]]) -> float:
