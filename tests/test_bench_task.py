@@ -114,6 +114,10 @@ def sets(tmp_path_factory) -> dict[str, Path]:
         "kwargs": [[{"num_sentences": None, "relation": None}],
                    [{"num_sentences": 2, "relation": "less than"}, {"num_sentences": None, "relation": None}]]})
     en = ["Good morning.", "Thank you very much."]
+    out["meld"] = write_parquet(base / "meld", {"audio": [wav(t) for t in texts], "text": texts,
+                                                "label": [3, 0, 4, 5]})  # joy anger neutral sadness  # fmt: skip
+    out["urfunny"] = write_parquet(base / "urfunny", {"audio": [wav(t) for t in texts[:2]], "text": texts[:2],
+                                                      "label": ["humor", "not_humor"]})  # fmt: skip
     out["mustard"] = save_to_disk(base / "mustard", {"test": {"audio": [wav(t) for t in en], "text": en,
                                                                "sarcasm": [True, False]}}, base)  # fmt: skip
     decoded = [{"array": sf.read(io.BytesIO(wav(t)["bytes"]))[0].astype(np.float32).tolist(), "sampling_rate": 8000}
@@ -127,7 +131,8 @@ def sets(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("task", ["spoken-qa", "sd-qa", "sd-qa-dialects", "heysquad", "heysquad-passage", "iemocap",
-                                  "openbookqa", "mmsu", "bbh", "ifeval", "advbench", "mustard", "covost2-de"])
+                                  "meld", "openbookqa", "mmsu", "bbh", "ifeval", "advbench", "mustard", "urfunny",
+                                  "covost2-de"])
 def test_every_task_family_runs_for_every_system(task: str, sets, student_dir: Path) -> None:
     report = run_task(task, sets[task], student_dir, batch_size=2, device="cpu")
     spec = TASKS[task]
@@ -192,6 +197,9 @@ def test_readers_take_each_layout_and_name_what_is_wrong(sets, tmp_path: Path) -
     assert len(rows) == 4 and rows[0].references == ("Happiness",) and rows[0].audio.dtype == np.float32
     assert len(read_rows(TASKS["iemocap"], sets["iemocap"], "train", None)) == 1
     assert read_rows(TASKS["mustard"], sets["mustard"], None, None)[0].references == ("Yes",)  # True -> Yes
+    assert [r.references[0] for r in read_rows(TASKS["meld"], sets["meld"], None, None)] == ["Joy", "Anger", "Neutral",
+                                                                                             "Sadness"]  # fmt: skip
+    assert [r.references[0] for r in read_rows(TASKS["urfunny"], sets["urfunny"], None, None)] == ["Yes", "No"]
     squad = read_rows(TASKS["heysquad-passage"], sets["heysquad-passage"], None, None)  # SQuAD's answers, passage
     assert squad[0].references == ("Lisbon", "in Lisbon") and squad[1].context.startswith("Anna lives")
     human = read_rows(TASKS["heysquad"], sets["heysquad"], None, None)  # its only split; a list of answer dicts
