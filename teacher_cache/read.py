@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from diva.teacher_cache.index import AUDIO, TEACHER, CacheError, read_index
-from diva.teacher_cache.write import from_stored
+from diva.teacher_cache.write import from_stored, vector_values
 from diva.zoo.checksum import checksum_matches
 
 
@@ -35,16 +36,13 @@ def open_table(cache_dir: Path):
 
 
 def _per_row(column, rows: int) -> list[np.ndarray]:
-    """A list<fixed_size_list<v, w>> (or list<v>) column -> one (n_r, w) (or (n_r,)) numpy array per row, values as
-    stored (uint16 words for bfloat16)."""
+    """A list<vector> (or list<v>) column -> one (n_r, w) (or (n_r,)) numpy array per row, values as stored (uint16
+    words for bfloat16)."""
     column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
     offsets = column.offsets.to_numpy()
     values = column.flatten()
-    if hasattr(values.type, "list_size"):
-        width = values.type.list_size
-        flat = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-    else:
-        flat = values.to_numpy(zero_copy_only=False)
+    is_vector = hasattr(values.type, "list_size") or pa.types.is_fixed_size_binary(values.type)
+    flat = vector_values(values) if is_vector else values.to_numpy(zero_copy_only=False)
     return [flat[offsets[r] : offsets[r + 1]] for r in range(rows)]
 
 
@@ -56,8 +54,7 @@ def table_rows(table) -> list[dict[str, Any]]:
     for name in table.column_names:
         column = table.column(name).combine_chunks()
         if name == "h_t":
-            values = column.flatten().to_numpy(zero_copy_only=False).reshape(rows, column.type.list_size)
-            per = list(values)
+            per = list(vector_values(column))
         elif name in ("id", "text", "audio_sha256", "answer_text"):
             per = column.to_pylist()
         elif name == "n_tokens":

@@ -4,7 +4,9 @@
     audio/NNNNN.tar        WebDataset samples keyed by utterance id: the audio bytes and a .json of the manifest
                            row (with the audio's sha256): depends on the manifest alone
     teacher/NNNNN.parquet  one row per utterance: id, text, audio_sha256, ids, h_T, embeddings, answers (zstd):
-                           depends on the manifest rows and the teacher
+                           depends on the manifest rows and the teacher. A vector (h_T, a row of E(t) or of the
+                           answer's hidden states) is a fixed_size_list of float16 / float32, or for bfloat16 a
+                           fixed_size_binary of its little-endian 16-bit words (`vectors`)
 
 Each tensor is stored once. Shard bytes depend only on the shard's rows (and the teacher): tar members have a
 fixed mtime, owner and mode, JSON keys are sorted, and nothing records a time or a host."""
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 from diva.manifests.record import Utterance
 
 STORED_NUMPY = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}  # bf16 as raw 16-bit words
-STORED_ARROW = {"float16": pa.float16(), "float32": pa.float32(), "bfloat16": pa.uint16()}
+STORED_ARROW = {"float16": pa.float16(), "float32": pa.float32(), "int32": pa.int32()}
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,6 @@ def write_tar(path: Path, rows: list[AudioRow]) -> None:
 def teacher_table(rows: list[TeacherRow], dtype: str, hidden_size: int, prompt_ids: tuple) -> pa.Table:
     """One row per utterance: id, text, audio_sha256, prompt ids, transcript ids, h_T, (per_row) embeddings and
     (with answers) the answer columns."""
-    value = STORED_ARROW[dtype]
     prefix_ids, suffix_ids = prompt_ids
     columns: dict[str, pa.Array] = {
         "id": pa.array([r.id for r in rows], pa.string()),
@@ -166,13 +167,12 @@ def teacher_table(rows: list[TeacherRow], dtype: str, hidden_size: int, prompt_i
         "prefix_ids": pa.array([list(prefix_ids)] * len(rows), pa.list_(pa.int32())),
         "text_ids": pa.array([r.text_ids for r in rows], pa.list_(pa.int32())),
         "suffix_ids": pa.array([list(suffix_ids)] * len(rows), pa.list_(pa.int32())),
-        "h_t": pa.FixedSizeListArray.from_arrays(
-            pa.array(np.concatenate([r.h_t for r in rows]) if rows else np.zeros(0), value), hidden_size
-        ),
+        "h_t": vectors(np.concatenate([r.h_t for r in rows]) if rows else np.zeros(0, STORED_NUMPY[dtype]), dtype,
+                       hidden_size),  # fmt: skip
     }
     if rows and rows[0].embeddings is not None:
         flat = np.concatenate([r.embeddings.reshape(-1) for r in rows])  # type: ignore[union-attr]
-        columns["embeddings"] = nested(flat, value, hidden_size, [len(r.text_ids) for r in rows])
+        columns["embeddings"] = nested(vectors(flat, dtype, hidden_size), [len(r.text_ids) for r in rows])
     if rows and rows[0].answer is not None:
         columns.update(answer_columns([r.answer for r in rows], dtype, hidden_size))  # type: ignore[misc]
     return pa.table(columns).replace_schema_metadata({"diva.dtype": dtype})
@@ -192,10 +192,33 @@ def write_parquet(path: Path, table: pa.Table) -> None:
     pq.write_table(table.combine_chunks(), path, compression="zstd", use_dictionary=plain, write_statistics=plain)
 
 
-def nested(values: np.ndarray, value_type: pa.DataType, width: int, lengths: list[int]) -> pa.Array:
-    """A list<fixed_size_list<value, width>> column: row r holds lengths[r] vectors of `width` values."""
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), value_type), width)
-    return pa.ListArray.from_arrays(pa.array(np.cumsum([0, *lengths]), pa.int32()), vectors)
+def vectors(values: np.ndarray, dtype: str, width: int) -> pa.Array:
+    """Stored values (n * width, in the stored dtype) as n Arrow vectors: fixed_size_list<float16 | float32 | int32,
+    width>, which `datasets` shows as numbers; for bfloat16 (raw 16-bit words) fixed_size_binary(2 * width) of the
+    little-endian words. Parquet has neither bfloat16 nor a 16-bit integer: uint16 words would be written as INT32,
+    twice the bytes through zstd, one value at a time (bench/shard_write.py: a paper-shaped teacher shard ~5x slower
+    to write and 1.2x larger than with the binary vectors)."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    if dtype == "bfloat16":
+        words = flat.astype("<u2", copy=False)
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * width), len(words) // width,
+                                                    [None, pa.py_buffer(words)])  # fmt: skip
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, STORED_ARROW.get(dtype, pa.from_numpy_dtype(flat.dtype))),
+                                             width)  # fmt: skip
+
+
+def vector_values(array: pa.Array) -> np.ndarray:
+    """Arrow vectors (`vectors`) back to an (n, width) numpy array in the stored dtype (uint16 words for bfloat16)."""
+    if pa.types.is_fixed_size_binary(array.type):
+        n, width = len(array), array.type.byte_width // 2
+        return np.frombuffer(array.buffers()[1], dtype="<u2", count=n * width,
+                             offset=array.offset * array.type.byte_width).reshape(n, width)  # fmt: skip
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, array.type.list_size)
+
+
+def nested(vector_array: pa.Array, lengths: list[int]) -> pa.Array:
+    """A list<vector> column (`vectors`): row r holds lengths[r] vectors."""
+    return pa.ListArray.from_arrays(pa.array(np.cumsum([0, *lengths]), pa.int32()), vector_array)
 
 
 def answer_columns(answers: list[Answer], dtype: str, hidden_size: int) -> dict[str, pa.Array]:
@@ -207,13 +230,13 @@ def answer_columns(answers: list[Answer], dtype: str, hidden_size: int) -> dict[
     }
     if answers[0].hidden is not None:
         flat = np.concatenate([a.hidden for a in answers])  # type: ignore[misc]
-        columns["answer_hidden"] = nested(flat, STORED_ARROW[dtype], hidden_size, lengths)
+        columns["answer_hidden"] = nested(vectors(flat, dtype, hidden_size), lengths)
     if answers[0].topk_ids is not None:
         k = answers[0].topk_ids.shape[1]
         ids = np.concatenate([a.topk_ids for a in answers])  # type: ignore[misc]
         logprobs = np.concatenate([a.topk_logprobs for a in answers])  # type: ignore[misc]
-        columns["answer_topk_ids"] = nested(ids, pa.int32(), k, lengths)
-        columns["answer_topk_logprobs"] = nested(logprobs, STORED_ARROW[logprob_dtype(dtype)], k, lengths)
+        columns["answer_topk_ids"] = nested(vectors(ids.astype(np.int32), "int32", k), lengths)
+        columns["answer_topk_logprobs"] = nested(vectors(logprobs, logprob_dtype(dtype), k), lengths)
     return columns
 
 

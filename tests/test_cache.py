@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -180,7 +181,13 @@ def test_ids_only_embeddings_and_16_bit_storage(manifest, tiny_llama, tmp_path: 
     assert not (tmp_path / "c" / "embeddings.safetensors").exists()
     sample = next(iter(stream_samples(tmp_path / "c", shuffle=False)))
     assert "embeddings" not in sample and sample["h_t"].dtype == np.float32
-    assert "embeddings" not in open_table(tmp_path / "c").column_names
+    table = open_table(tmp_path / "c")
+    assert "embeddings" not in table.column_names
+    # bfloat16 vectors are fixed-size binary of the little-endian 16-bit words: any Parquet reader gets the bits
+    assert table.schema.field("h_t").type == pa.binary(2 * 128)
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    words = np.frombuffer(by_id[sample["id"]]["h_t"], dtype="<u2")
+    np.testing.assert_array_equal((words.astype(np.uint32) << 16).view(np.float32), sample["h_t"])
 
 
 def test_verify_and_inspect(clean_cache: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -21,7 +22,7 @@ from diva.manifests.prepare import import_corpus
 from diva.teacher_cache.build import build_cache
 from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.prompt import eos_token_ids
-from diva.teacher_cache.read import open_table, stream_samples
+from diva.teacher_cache.read import open_table, stream_samples, table_rows
 from diva.teacher_cache.verify import verify_cache
 from diva.teacher_cache.write import from_stored, sha256_file
 
@@ -157,10 +158,11 @@ def test_answer_settings_are_fingerprinted(manifest, tiny_llama, hidden_cache, t
 
 def test_stored_answers_round_trip_bfloat16(manifest, tiny_llama, hidden_cache, tmp_path: Path) -> None:
     half = _build(manifest, tmp_path / "bf16-hidden", tiny_llama, answer_targets="hidden", dtype="bfloat16")
-    stored = {r["id"]: r for r in open_table(half).to_pylist()}
+    assert open_table(half).schema.field("answer_hidden").type.value_type == pa.binary(2 * 128)
+    stored = {r["id"]: r for r in table_rows(open_table(half))}
     full = {r["id"]: r for r in open_table(hidden_cache).to_pylist()}
     for key, row in stored.items():
-        back = from_stored(np.array(row["answer_hidden"], dtype=np.uint16), "bfloat16")
+        back = from_stored(row["answer_hidden"], "bfloat16")
         np.testing.assert_allclose(back, np.array(full[key]["answer_hidden"], dtype=np.float32), rtol=1e-2, atol=1e-2)
 
 

@@ -22,7 +22,9 @@ import torch
 from diva.audio import load_audio
 from diva.student.inference.checkpoint import load_pretrained, load_processors
 from diva.student.model.features import log_mel
+from diva.teacher_cache.index import read_index
 from diva.teacher_cache.read import open_table
+from diva.teacher_cache.write import from_stored, vector_values
 from diva.tests.test_inference_cli import _invoke
 from diva.tests.test_train import _build, _clips, _records
 
@@ -71,8 +73,9 @@ def test_cache_built_on_the_gpu_matches_the_cpu_build(gpu: dict) -> None:
     on_gpu, on_cpu = open_table(gpu["train"]), open_table(gpu["cpu"])
     assert on_gpu.column("id").to_pylist() == on_cpu.column("id").to_pylist()
     assert on_gpu.column("text_ids").to_pylist() == on_cpu.column("text_ids").to_pylist()
-    h_gpu = np.array(on_gpu.column("h_t").to_pylist(), dtype=np.float32)
-    h_cpu = np.array(on_cpu.column("h_t").to_pylist(), dtype=np.float32)
+    dtype = read_index(gpu["train"])["fingerprint"]["dtype"]
+    h_gpu = from_stored(vector_values(on_gpu.column("h_t").combine_chunks()), dtype)
+    h_cpu = from_stored(vector_values(on_cpu.column("h_t").combine_chunks()), dtype)
     cosine = (h_gpu * h_cpu).sum(-1) / (np.linalg.norm(h_gpu, axis=-1) * np.linalg.norm(h_cpu, axis=-1))
     assert cosine.min() > 0.99, cosine
 

@@ -233,12 +233,10 @@ def rank_stream(
 def mean_h_t(cache_dir: Path) -> torch.Tensor:
     """The mean of h_T over a cache's rows (d,), read from the Parquet shards (no audio is read)."""
     from diva.teacher_cache.read import open_table
-    from diva.teacher_cache.write import from_stored
+    from diva.teacher_cache.write import from_stored, vector_values
 
     dtype = read_index(cache_dir)["fingerprint"]["dtype"]
-    column = open_table(cache_dir).column("h_t").combine_chunks()
-    d = column.type.list_size
-    values = from_stored(column.flatten().to_numpy(zero_copy_only=False), dtype).reshape(-1, d)  # (rows, d)
+    values = from_stored(vector_values(open_table(cache_dir).column("h_t").combine_chunks()), dtype)  # (rows, d)
     return torch.from_numpy(values.astype(np.float64).mean(axis=0).astype(np.float32))
 
 
