@@ -18,6 +18,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -140,19 +141,19 @@ def tar_header(name: str, size: int) -> bytes:
     return header[:148] + b"%06o\0 " % sum(header) + header[156:]  # the checksum counts its own field as spaces
 
 
-def write_tar(path: Path, rows: list[AudioRow]) -> None:
-    """WebDataset samples keyed by utterance id: the audio bytes and a .json of the manifest row, in a plain
-    ustar archive. The headers are built here rather than by tarfile (the format is fixed and small):
+def tar_parts(rows: list[AudioRow]) -> list[bytes]:
+    """WebDataset samples keyed by utterance id: the audio bytes and a .json of the manifest row, as the pieces of
+    a plain ustar archive in order (headers, data, padding; not joined: a copy of every audio byte costs as much as
+    writing it). The headers are built here rather than by tarfile (the format is fixed and small):
     bench/shard_write.py measured tarfile at ~40 us a member, most of an audio shard's write time."""
-    with open(path, "wb") as f:
-        for row in rows:
-            key = sample_key(row.utt.id)
-            meta = json.dumps(sample_json(row), sort_keys=True, ensure_ascii=False).encode("utf-8")
-            for ext, data in ((row.audio_ext, row.audio), ("json", meta)):
-                f.write(tar_header(f"{key}.{ext}", len(data)))
-                f.write(data)
-                f.write(b"\0" * (-len(data) % TAR_BLOCK))
-        f.write(b"\0" * (2 * TAR_BLOCK))  # the end-of-archive marker
+    parts = []
+    for row in rows:
+        key = sample_key(row.utt.id)
+        meta = json.dumps(sample_json(row), sort_keys=True, ensure_ascii=False).encode("utf-8")
+        for ext, data in ((row.audio_ext, row.audio), ("json", meta)):
+            parts += (tar_header(f"{key}.{ext}", len(data)), data, b"\0" * (-len(data) % TAR_BLOCK))
+    parts.append(b"\0" * (2 * TAR_BLOCK))  # the end-of-archive marker
+    return parts
 
 
 def teacher_table(rows: list[TeacherRow], dtype: str, hidden_size: int, prompt_ids: tuple) -> pa.Table:
@@ -181,15 +182,17 @@ def teacher_table(rows: list[TeacherRow], dtype: str, hidden_size: int, prompt_i
 TENSOR_COLUMNS = ("h_t", "embeddings", "answer_hidden", "answer_topk_logprobs")  # the stored-dtype values
 
 
-def write_parquet(path: Path, table: pa.Table) -> None:
-    """A teacher table as one Parquet file (zstd); chunks are combined first, so the bytes depend only on the
-    values (a table assembled from reused and computed rows writes what one built at once does).
+def parquet_bytes(table: pa.Table) -> pa.Buffer:
+    """A teacher table as one Parquet file's bytes (zstd); chunks are combined first, so the bytes depend only on
+    the values (a table assembled from reused and computed rows writes what one built at once does).
 
-    The tensor columns get neither a dictionary nor min/max statistics: neither helps high-entropy values (bfloat16
-    is stored as raw uint16 words) and the two cost most of the write (bench/shard_write.py: a demo shard's table
-    15 -> 6 ms, a paper-shaped bfloat16 one ~8x faster; the same bytes within 0.1%)."""
+    The tensor columns get neither a dictionary nor min/max statistics: neither helps high-entropy values and the
+    two cost most of the write (bench/shard_write.py: a demo shard's table 15 -> 6 ms; the same bytes within
+    0.1%)."""
     plain = [name for name in table.column_names if name not in TENSOR_COLUMNS]
-    pq.write_table(table.combine_chunks(), path, compression="zstd", use_dictionary=plain, write_statistics=plain)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.combine_chunks(), sink, compression="zstd", use_dictionary=plain, write_statistics=plain)
+    return sink.getvalue()
 
 
 def vectors(values: np.ndarray, dtype: str, width: int) -> pa.Array:
@@ -248,14 +251,28 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _written(final: Path, write: Callable[[Path], None], fault: Any, k: int) -> dict[str, Any]:
-    """Write one shard file under a temporary name, then rename it; its size and sha256."""
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diva-shard-hash")  # its thread starts on first use
+
+
+def _sha256_of(parts: list[Any]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _written(final: Path, parts: list[Any], fault: Any, k: int) -> dict[str, Any]:
+    """Write one shard file (its bytes in pieces) under a temporary name, then rename it; its size and sha256. The
+    hash runs on a second thread while the pieces are written (both release the GIL on large buffers), so the file
+    is never read back."""
+    digest = _HASHER.submit(_sha256_of, parts)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    write(tmp)
+    with open(tmp, "wb") as f:
+        f.writelines(parts)
     if fault is not None:
         fault("mid_shard", k)
     os.replace(tmp, final)
-    return {"bytes": final.stat().st_size, "sha256": sha256_file(final)}
+    return {"bytes": sum(memoryview(p).nbytes for p in parts), "sha256": digest.result()}
 
 
 def _linked_or_kept(final: Path, facts: dict[str, Any], same: dict[str, Path]) -> bool:
@@ -289,7 +306,7 @@ def write_audio_shard(
     """Write audio shard k (NNNNN.tar, then NNNNN.json) atomically; (its record, whether the tar was hard-linked
     to an identical one of `same`: sha256 -> path of a reused cache's audio tars)."""
     final = shard_dir / f"{k:05d}.tar"
-    facts = _written(final, lambda p: write_tar(p, rows), fault, k)
+    facts = _written(final, tar_parts(rows), fault, k)
     linked = _linked_or_kept(final, facts, same or {})
     record = {"shard": k, "rows": len(rows), "ids": [r.utt.id for r in rows],
               "audio_sha256": [r.audio_sha256 for r in rows], "rejects": rejects, "files": {"tar": facts}}  # fmt: skip
@@ -301,7 +318,7 @@ def write_teacher_shard(
 ) -> dict[str, Any]:
     """Write teacher shard k (NNNNN.parquet, then NNNNN.json) atomically; `computed`: how many of its rows the
     teacher ran (the rest were reused); returns the record."""
-    facts = _written(shard_dir / f"{k:05d}.parquet", lambda p: write_parquet(p, table), fault, k)
+    facts = _written(shard_dir / f"{k:05d}.parquet", [parquet_bytes(table)], fault, k)
     ids = table.column("id").to_pylist()
     record = {"shard": k, "rows": len(ids), "ids": ids, "rejects": rejects, "files": {"parquet": facts},
               "rows_computed": computed, "rows_reused": len(ids) - computed}  # fmt: skip
@@ -331,7 +348,6 @@ class ShardWriter:
 
     def __init__(self, depth: int = 2) -> None:
         import threading
-        from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diva-shard-writer")
         self._slots = threading.BoundedSemaphore(depth)
