@@ -1,11 +1,12 @@
 """Does the teacher ever wait for the disk? Three measurements in one run.
 
-1. Shard writing MB/s through the cache writer's own path (`write_audio_shard` + `write_teacher_shard`: the tar of
-   audio + .json members, the Parquet table + zstd, sha256 of each file, the .json records, temporary names
-   renamed) against a plain sequential write of the same bytes to the same folder; without fsync (the page cache
-   absorbs the writes: the writer's CPU cost against a memory copy) and with every file fsynced.
+1. Shard writing MB/s through the cache writer's own path (`write_shard`: the tar of audio + .json members and,
+   on a second thread meanwhile, the Parquet table + zstd; sha256 of each file as it is written, the .json
+   records, temporary names renamed) against a plain sequential write of the same bytes to the same folder;
+   without fsync (the page cache absorbs the writes: the writer's CPU cost against a memory copy) and with every
+   file fsynced.
 2. The build's rows/s (`build_cache`, the hf teacher on the demo's dev transcripts) with the writer thread against
-   the same build with writing disabled (the two write functions replaced by ones that only return a record).
+   the same build with writing disabled (`write_shard` replaced by one that only returns the records).
 3. The writer's sustained rows/s at paper shape (d 4096, bfloat16 h_T, shared embeddings as the paper preset, the
    demo's real audio bytes, 2000-row shards) against the rate an H100 running Llama-3-8B prefill would feed it.
    That rate is derived, not measured (no H100 here): 2 x 8.03e9 FLOPs per token at the H100 SXM's 989 dense
@@ -36,8 +37,7 @@ from diva.teacher_cache.write import (
     TeacherRow,
     teacher_table,
     to_stored,
-    write_audio_shard,
-    write_teacher_shard,
+    write_shard,
 )
 
 BLOCK = 4 << 20
@@ -68,8 +68,8 @@ def write_one(folder: Path, k: int, audio: list[AudioRow], teacher: list[Teacher
     """Shard k through the writer's path, as the build's writer thread does it; the files written."""
     (folder / "audio").mkdir(exist_ok=True)
     (folder / "teacher").mkdir(exist_ok=True)
-    write_audio_shard(folder / "audio", k, audio, [])
-    write_teacher_shard(folder / "teacher", k, teacher_table(teacher, dtype, d, prompt_ids), [], len(teacher))
+    write_shard(folder / "audio", folder / "teacher", k, (audio, []),
+                (teacher_table(teacher, dtype, d, prompt_ids), [], len(teacher)))
     return [folder / kind / f"{k:05d}.{ext}" for kind, ext in
             (("audio", "tar"), ("audio", "json"), ("teacher", "parquet"), ("teacher", "json"))]  # fmt: skip
 
@@ -115,7 +115,7 @@ def writing_vs_plain(rows: dict, tmp: Path, shards: int, repeats: int) -> tuple[
     for sync in (False, True):
         writers = {
             "plain sequential write (reference)": partial(plain_run, blobs=blobs, shards=shards, sync=sync),
-            "cache writer (write_audio_shard + write_teacher_shard)": partial(writer_run, shards=shards, sync=sync,
+            "cache writer (write_shard)": partial(writer_run, shards=shards, sync=sync,
                                                                                **rows),  # fmt: skip
         }
         times: dict[str, list[float]] = {name: [] for name in writers}
@@ -158,26 +158,26 @@ def build_with_and_without_writing(manifest: Path, rows: int, tmp: Path, repeats
     cfg = load_config("demo", ["cache.shard_size=32"])
     teacher = resolve_model(cfg.models.llm)
     small = _first_rows(manifest, rows, tmp / "manifest")
-    real = (build.write_audio_shard, build.write_teacher_shard)
+    real = build.write_shard
 
-    def no_audio(shard_dir, k, rows, rejects, fault=None, same=None):
-        ids = [r.utt.id for r in rows]
-        return {"ids": ids, "audio_sha256": [r.audio_sha256 for r in rows], "files": {"tar": {"bytes": 0}}}, False
-
-    def no_teacher(shard_dir, k, table, rejects, computed, fault=None):
-        return {"rows_computed": computed, "rows_reused": 0, "files": {"parquet": {"bytes": 0}}}
+    def nothing(audio_dir, teacher_dir, k, audio, teacher, fault=None, same=None):
+        rows = audio[0] if audio is not None else []
+        written = ({"ids": [r.utt.id for r in rows], "audio_sha256": [r.audio_sha256 for r in rows],
+                    "files": {"tar": {"bytes": 0}}}, False) if audio is not None else None  # fmt: skip
+        record = ({"rows_computed": teacher[2], "rows_reused": 0, "files": {"parquet": {"bytes": 0}}}
+                  if teacher is not None else None)  # fmt: skip
+        return written, record
 
     times: dict[str, list[float]] = {"with the writer": [], "writing disabled": []}
     for attempt in range(repeats + 1):
         for name in times:
-            build.write_audio_shard, build.write_teacher_shard = real if name == "with the writer" else (
-                no_audio, no_teacher)  # fmt: skip
+            build.write_shard = real if name == "with the writer" else nothing
             out = tmp / f"cache-{name.replace(' ', '-')}-{attempt}"
             result = build.build_cache(small, out, teacher, cfg.cache, cfg.runtime)
             shutil.rmtree(out)
             if attempt:  # the first round warms the teacher up
                 times[name].append(result.seconds)
-    build.write_audio_shard, build.write_teacher_shard = real
+    build.write_shard = real
     best = {name: min(t) for name, t in times.items()}
     return {"rows": rows, "shard_size": 32, "teacher": str(teacher), "dtype": cfg.runtime.dtype,
             "seconds": {n: [round(x, 2) for x in t] for n, t in times.items()},

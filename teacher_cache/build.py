@@ -57,8 +57,7 @@ from diva.teacher_cache.write import (
     shard_is_complete,
     teacher_table,
     to_stored,
-    write_audio_shard,
-    write_teacher_shard,
+    write_shard,
 )
 from diva.zoo.checksum import checksum_matches
 
@@ -353,13 +352,13 @@ class ShardMaker:
     def write(self, job: ShardJob) -> dict[str, int]:
         """Shard k's files; what was written: {"bytes", "linked" (audio tars hard-linked), "computed", "reused"}."""
         done = {"bytes": 0, "linked": 0, "computed": 0, "reused": 0, "rows": job.teacher_rows}
-        if job.audio is not None:
-            same = self.lenders.audio_tars if self.lenders else None
-            record, linked = write_audio_shard(self.out_dir / AUDIO, job.k, *job.audio, fault_point, same)
-            done["bytes"] += 0 if linked else record["files"]["tar"]["bytes"]
-            done["linked"] += linked
-        if job.teacher is not None:
-            record = write_teacher_shard(self.out_dir / TEACHER, job.k, *job.teacher, fault_point)
+        same = self.lenders.audio_tars if self.lenders else None
+        audio, record = write_shard(self.out_dir / AUDIO, self.out_dir / TEACHER, job.k, job.audio, job.teacher,
+                                    fault_point, same)  # fmt: skip
+        if audio is not None:
+            done["bytes"] += 0 if audio[1] else audio[0]["files"]["tar"]["bytes"]
+            done["linked"] += audio[1]
+        if record is not None:
             done["bytes"] += record["files"]["parquet"]["bytes"]
             done["computed"], done["reused"] = record["rows_computed"], record["rows_reused"]
         return done

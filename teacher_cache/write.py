@@ -325,6 +325,25 @@ def write_teacher_shard(
     return _record(shard_dir, k, record)
 
 
+_SIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diva-teacher-shard")
+
+
+def write_shard(
+    audio_dir: Path, teacher_dir: Path, k: int, audio: tuple | None, teacher: tuple | None, fault: Any = None,
+    same: dict[str, Path] | None = None,
+) -> tuple[tuple[dict[str, Any], bool] | None, dict[str, Any] | None]:  # fmt: skip
+    """Shard k's audio files (`audio`: write_audio_shard's rows and rejects) and teacher files (`teacher`:
+    write_teacher_shard's table, rejects and computed), either None when not to be written. The teacher shard is
+    written on a second thread while the audio shard is: Parquet's encoding and zstd release the GIL that the tar's
+    assembly holds (bench/shard_write.py). (write_audio_shard's result or None, the teacher record or None)."""
+    pending = _SIDE.submit(write_teacher_shard, teacher_dir, k, *teacher, fault) if teacher is not None else None
+    try:
+        written = write_audio_shard(audio_dir, k, *audio, fault, same) if audio is not None else None
+    finally:
+        record = pending.result() if pending is not None else None
+    return written, record
+
+
 def shard_is_complete(shard_dir: Path, k: int) -> dict[str, Any] | None:
     """Shard k's record (audio or teacher folder) when its files exist with the recorded sizes (`diva cache
     verify` checks the hashes)."""

@@ -290,20 +290,20 @@ def test_a_cache_from_before_checksum_v2_is_resumed_not_refused(clean_cache, man
 def test_a_write_error_on_the_writer_thread_stops_the_build(manifest, tiny_llama, clean_cache, tmp_path, monkeypatch):
     """Shards are written on a background thread while the teacher runs on the next ones: a failed write (a full
     disk) surfaces as the build's error, the shards before it stay complete, and a re-run finishes the same cache."""
-    import diva.teacher_cache.build as build
+    import diva.teacher_cache.write as write
 
-    real = build.write_teacher_shard
+    real = write.write_teacher_shard
 
     def full_disk(shard_dir, k, *args, **kwargs):
         if k == 2:
             raise OSError(28, "No space left on device")
         return real(shard_dir, k, *args, **kwargs)
 
-    monkeypatch.setattr(build, "write_teacher_shard", full_disk)
+    monkeypatch.setattr(write, "write_teacher_shard", full_disk)
     cfg = _cfg()
     with pytest.raises(OSError, match="No space left"):
         build_cache(manifest, tmp_path / "c", tiny_llama, cfg.cache, cfg.runtime)
     assert (tmp_path / "c" / "teacher" / "00001.json").exists() and not (tmp_path / "c" / "index.json").exists()
-    monkeypatch.setattr(build, "write_teacher_shard", real)
+    monkeypatch.setattr(write, "write_teacher_shard", real)
     again = build_cache(manifest, tmp_path / "c", tiny_llama, cfg.cache, cfg.runtime)
     assert again.index_written and _shard_bytes(tmp_path / "c") == _shard_bytes(clean_cache)
