@@ -78,7 +78,9 @@ class CacheConfig:
         default="hf",
     )
     dtype: Literal["float16", "float32", "bfloat16"] = doc(
-        "Dtype of the stored tensors (h_T, embeddings); bfloat16 is stored as raw 16-bit words.", default="float16"
+        "Dtype of the stored tensors (h_T, embeddings); bfloat16 vectors are stored as fixed-size binary of their "
+        "16-bit words.",
+        default="float16",
     )
     embeddings: Literal["per_row", "shared"] = doc(
         "per_row: store each transcript's input embeddings E(t) (N x d) with the row; shared: store token ids only, "
