@@ -13,7 +13,8 @@ import numpy as np
 
 from diva.teacher_cache.index import AUDIO, TEACHER, read_index
 from diva.teacher_cache.read import audio_samples, table_rows
-from diva.teacher_cache.write import from_stored, sha256_file
+from diva.teacher_cache.write import from_stored
+from diva.zoo.checksum import sha256_file
 
 
 @dataclass

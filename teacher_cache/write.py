@@ -243,14 +243,6 @@ def answer_columns(answers: list[Answer], dtype: str, hidden_size: int) -> dict[
     return columns
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diva-shard-hash")  # its thread starts on first use
 
 

@@ -24,7 +24,8 @@ from diva.teacher_cache.index import CacheError, read_index
 from diva.teacher_cache.prompt import eos_token_ids
 from diva.teacher_cache.read import open_table, stream_samples, table_rows
 from diva.teacher_cache.verify import verify_cache
-from diva.teacher_cache.write import from_stored, sha256_file
+from diva.teacher_cache.write import from_stored
+from diva.zoo.checksum import sha256_file
 
 ANSWER_TOKENS = 6
 TEXTS = ["mend the coat", "What is the capital of France?", "seven", "the birch canoe slid on the smooth planks",

@@ -13,7 +13,6 @@ installed by `make install` (pip, `--no-deps`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -26,6 +25,7 @@ from typing import Literal
 
 from diva import __version__
 from diva.paths import models_dir
+from diva.zoo.checksum import sha256_file
 
 SOURCE_RECORD = "diva_source.json"
 # Bumped when a conversion's output changes; folders of an older format are converted again.
@@ -123,15 +123,6 @@ def locate_source(model: EmbeddedModel) -> Path:
     if not source.exists():
         raise ModelSourceMissing(f"{model.name}: {source} is missing from the installed {model.package}; {hint}")
     return source
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files_of(folder: Path) -> list[Path]:
