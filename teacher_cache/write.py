@@ -206,8 +206,7 @@ def vectors(values: np.ndarray, dtype: str, width: int) -> pa.Array:
         words = flat.astype("<u2", copy=False)
         return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * width), len(words) // width,
                                                     [None, pa.py_buffer(words)])  # fmt: skip
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat, STORED_ARROW.get(dtype, pa.from_numpy_dtype(flat.dtype))),
-                                             width)  # fmt: skip
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, STORED_ARROW[dtype]), width)
 
 
 def vector_values(array: pa.Array) -> np.ndarray:

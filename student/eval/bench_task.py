@@ -129,8 +129,16 @@ def _metrics(spec: TaskSpec, judge: Judge | None) -> tuple[str, ...]:
     return spec.metrics
 
 
-def _score_rows(spec: TaskSpec, answers: list[str], rows: list[TaskRow], judge: Judge | None
-                ) -> dict[str, list[float]]:  # fmt: skip
+def _ifeval_follows(answers: list[str], rows: list[TaskRow]) -> list[tuple[list[bool], list[bool]]] | None:
+    """Per row, which of its IFEval instructions the answer follows, (strict, loose); None for other tasks."""
+    if rows[0].instructions is None:
+        return None
+    return [(followed(a, r.instructions), followed(a, r.instructions, loose=True))
+            for a, r in zip(answers, rows, strict=True)]  # fmt: skip
+
+
+def _score_rows(spec: TaskSpec, answers: list[str], rows: list[TaskRow], judge: Judge | None,
+                follows: list[tuple[list[bool], list[bool]]] | None = None) -> dict[str, list[float]]:  # fmt: skip
     per_row: dict[str, list[float]] = {}
     for metric in _metrics(spec, judge):
         if metric == "judge":
@@ -141,9 +149,8 @@ def _score_rows(spec: TaskSpec, answers: list[str], rows: list[TaskRow], judge: 
                                for a, r in zip(answers, rows, strict=True)]  # fmt: skip
             continue
         if metric in ("ifeval_strict", "ifeval_loose"):
-            loose = metric == "ifeval_loose"
-            per_row[metric] = [float(all(followed(a, r.instructions, loose))) for a, r in zip(answers, rows,
-                                                                                            strict=True)]  # fmt: skip
+            mode = int(metric == "ifeval_loose")
+            per_row[metric] = [float(all(f[mode])) for f in follows]  # type: ignore[union-attr]
         elif metric == "refusal":
             per_row[metric] = [scorers.refusal(a) for a in answers]
         elif metric == "choice":
@@ -158,7 +165,8 @@ def _score_rows(spec: TaskSpec, answers: list[str], rows: list[TaskRow], judge: 
     return per_row
 
 
-def _set_metrics(spec: TaskSpec, answers: list[str], rows: list[TaskRow]) -> dict[str, float]:
+def _set_metrics(spec: TaskSpec, answers: list[str], rows: list[TaskRow],
+                 follows: list[tuple[list[bool], list[bool]]] | None = None) -> dict[str, float]:  # fmt: skip
     out = {}
     for metric in spec.set_metrics:
         if metric == "weighted_f1":
@@ -166,8 +174,7 @@ def _set_metrics(spec: TaskSpec, answers: list[str], rows: list[TaskRow]) -> dic
         elif metric == "corpus_bleu":
             out["corpus_bleu"] = scorers.corpus_bleu(answers, [r.references for r in rows])
         elif metric == "ifeval":
-            out |= set_scores([(followed(a, r.instructions), followed(a, r.instructions, loose=True))
-                               for a, r in zip(answers, rows, strict=True)])  # fmt: skip
+            out |= set_scores(follows)  # type: ignore[arg-type]
     return out
 
 
@@ -252,7 +259,8 @@ def run_task(
                                     for a in ids]  # fmt: skip
         if progress is not None:
             progress(min(start + batch_size, len(rows)), len(rows))
-    per_row = {s: _score_rows(spec, answers[s], rows, judge) for s in systems}
+    follows = {s: _ifeval_follows(answers[s], rows) for s in systems}  # checked once, scored twice
+    per_row = {s: _score_rows(spec, answers[s], rows, judge, follows[s]) for s in systems}
     headline = spec.metrics[0]
     report: dict[str, Any] = {
         "task": spec.name, "summary": spec.summary, "data": str(data_dir), "model": str(model_dir), "n": len(rows),
@@ -260,7 +268,8 @@ def run_task(
         "max_new_tokens": (max_new_tokens or spec.max_new_tokens) if spec.decoding == "generate" else None,
         "judge": {"url": judge.url, "model": judge.model} if judge is not None else None,
         "labels": list(labels) if spec.decoding == "labels" else None, "headline": headline,
-        "systems": {s: {m: float(np.mean(v)) for m, v in per_row[s].items()} | _set_metrics(spec, answers[s], rows)
+        "systems": {s: {m: float(np.mean(v)) for m, v in per_row[s].items()} | _set_metrics(spec, answers[s], rows,
+                                                                                            follows[s])
                     for s in systems},
         "comparisons": {},
         "per_row": per_row,
