@@ -307,3 +307,41 @@ def test_a_write_error_on_the_writer_thread_stops_the_build(manifest, tiny_llama
     monkeypatch.setattr(write, "write_teacher_shard", real)
     again = build_cache(manifest, tmp_path / "c", tiny_llama, cfg.cache, cfg.runtime)
     assert again.index_written and _shard_bytes(tmp_path / "c") == _shard_bytes(clean_cache)
+
+
+def test_tar_headers_read_back_with_tarfile_and_keep_their_bytes() -> None:
+    """The writer builds ustar headers itself (the checksum from the fixed fields' sum): tarfile must read them back
+    (it checks the checksum), and their bytes must stay those of caches written before (whole-header sum, device
+    fields "0000000"), so unchanged audio tars still hard-link; over-long names get tarfile's pax record."""
+    import io
+    import tarfile
+
+    from diva.teacher_cache.write import TAR_OWNER, tar_header
+
+    def summed(raw: bytes, size: int) -> bytes:  # the header as caches before it were written
+        header = b"".join([
+            raw.ljust(100, b"\0"), b"0000444\0", b"0000000\0", b"0000000\0", b"%011o\0" % size, b"00000000000\0",
+            b" " * 8, b"0", b"\0" * 100, b"ustar\x0000", TAR_OWNER, TAR_OWNER, b"0000000\0", b"0000000\0",
+            b"\0" * 167,
+        ])  # fmt: skip
+        return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+
+    names = ["a.mp3", "x" * 96 + ".wav", "spk%2F0%2Eutt_ü.flac", "é" * 47 + ".json", "k" * 120 + ".json"]
+    for name in names:
+        for size in (0, 1, 511, 512, 12345, 8 * 1024**3 - 1):
+            header = tar_header(name, size)
+            if len(name.encode()) <= 100:
+                assert header == summed(name.encode(), size), (name, size)
+            else:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime, info.uname, info.gname = size, 0o444, 0, "diva", "diva"
+                assert header == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            data = b"abc"[: min(size, 3)] if size <= 3 else None
+            if data is None:
+                continue
+            archive = header + data.ljust(512, b"\0") + b"\0" * 1024
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                member = tar.next()
+                assert (member.name, member.size, member.mode, member.uname, member.mtime) == (name, size, 0o444,
+                                                                                               "diva", 0)  # fmt: skip
+                assert tar.extractfile(member).read() == data
