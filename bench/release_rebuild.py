@@ -31,6 +31,8 @@ from pathlib import Path
 
 from _common import RESULTS, headline, machine, md_table, write_results
 
+from diva.teacher_cache.write import recorded_hash
+
 DIVA = [sys.executable, "-m", "diva.cli"]
 NEW_EVERY = 20  # every 20th row of the split is new in release N+1
 
@@ -76,10 +78,10 @@ def timed(args: list[str]) -> float:
     return round(time.perf_counter() - start, 2)
 
 
-def shard_files(cache: Path) -> dict[str, str]:
-    """Every shard file's sha256, from the index (the audio tars, the teacher Parquet files)."""
+def shard_files(cache: Path) -> dict[str, tuple[str, str]]:
+    """Every shard file's hash, from the index (the audio tars, the teacher Parquet files)."""
     index = json.loads((cache / "index.json").read_text())
-    return {name: f["sha256"] for shard in index["shards"] for name, f in shard["files"].items()}
+    return {name: recorded_hash(f) for shard in index["shards"] for name, f in shard["files"].items()}
 
 
 def main() -> None:

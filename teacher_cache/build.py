@@ -66,9 +66,12 @@ FAULT_ENV = "DIVA_CACHE_FAULT"  # "after_shard:K", "mid_shard:K" or "before_inde
 
 
 def fault_point(point: str, k: int | None = None) -> None:
-    """Die with os._exit at a named point when DIVA_CACHE_FAULT asks for it (kill-and-resume tests)."""
+    """Die with os._exit at a named point when DIVA_CACHE_FAULT asks for it, or pause 50 ms at every point when it
+    says "slow" (kill-and-resume tests: a build slow enough to be killed part-way on a fast machine)."""
     wanted = os.environ.get(FAULT_ENV, "")
-    if wanted and wanted == (point if k is None else f"{point}:{k}"):
+    if wanted == "slow":
+        time.sleep(0.05)
+    elif wanted and wanted == (point if k is None else f"{point}:{k}"):
         os._exit(17)
 
 

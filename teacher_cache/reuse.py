@@ -3,7 +3,7 @@
     reused caches --(their teacher key = ours?)--> rows by utterance id: (text, audio sha256, shard file, row)
     new manifest row (id, text, audio sha256) --match--> that row's stored values, as they are (bit for bit)
                                               --no match--> the teacher runs on it
-    reused caches' audio tars by sha256 --> an identical new audio shard becomes a hard link to one
+    reused caches' audio tars by their file hash --> an identical new audio shard becomes a hard link to one
 
 A teacher row depends on its transcript and the teacher alone, but a row is reused only when its id, transcript
 and audio bytes (their sha256) all match: a re-recorded clip under the same id is new data. The teacher key is
@@ -24,7 +24,7 @@ from typing import Any
 
 from diva.teacher_cache.index import AUDIO, FORMAT, OLD_FORMAT, TEACHER, CacheError, read_index, teacher_key
 from diva.teacher_cache.read import table_rows
-from diva.teacher_cache.write import Answer, TeacherRow
+from diva.teacher_cache.write import Answer, TeacherRow, recorded_hash
 
 OPEN_TABLES = 4  # reused Parquet shards kept decoded at once (new shards mostly draw from neighbouring old ones)
 
@@ -52,7 +52,7 @@ class ReusedCaches:
     fingerprint: dict[str, Any]
     files: list[Path] = field(default_factory=list)  # teacher Parquet shards rows are taken from
     rows: dict[str, tuple[str, str, int, int]] = field(default_factory=dict)  # id -> (text, sha, file, row)
-    audio_tars: dict[str, Path] = field(default_factory=dict)  # sha256 -> an audio tar with those bytes
+    audio_tars: dict[tuple[str, str], Path] = field(default_factory=dict)  # (hash, digest) -> a tar of those bytes
     not_lending: dict[str, str] = field(default_factory=dict)  # cache -> why it lends no teacher rows
     _open: OrderedDict = field(default_factory=OrderedDict)
 
@@ -67,7 +67,7 @@ class ReusedCaches:
         old = index.get("format") == OLD_FORMAT
         for shard in index["shards"] if not old else []:
             facts = shard["files"][f"{AUDIO}/{shard['shard']:05d}.tar"]
-            self.audio_tars.setdefault(facts["sha256"], cache / AUDIO / f"{shard['shard']:05d}.tar")
+            self.audio_tars.setdefault(recorded_hash(facts), cache / AUDIO / f"{shard['shard']:05d}.tar")
         theirs, ours = teacher_key(index["fingerprint"]), teacher_key(self.fingerprint)
         if theirs != ours:
             differ = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))

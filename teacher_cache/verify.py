@@ -13,8 +13,8 @@ import numpy as np
 
 from diva.teacher_cache.index import AUDIO, TEACHER, read_index
 from diva.teacher_cache.read import audio_samples, table_rows
-from diva.teacher_cache.write import from_stored
-from diva.zoo.checksum import sha256_file
+from diva.teacher_cache.write import from_stored, recorded_hash
+from diva.zoo.checksum import file_digest
 
 
 @dataclass
@@ -96,8 +96,8 @@ def verify_cache(cache_dir: Path, progress: Callable[[int], None] | None = None)
             if not path.is_file():
                 report.problems.append(f"{path}: missing")
                 damaged = True
-            elif sha256_file(path) != facts["sha256"]:
-                report.problems.append(f"{path}: sha256 differs from the index (corrupt or replaced)")
+            elif file_digest(path, (algorithm := recorded_hash(facts))[0]) != algorithm[1]:
+                report.problems.append(f"{path}: {algorithm[0]} differs from the index (corrupt or replaced)")
                 damaged = True
         if damaged:
             continue

@@ -1,5 +1,5 @@
 """Write the two kinds of shard, each file under a temporary name and renamed when complete, then its
-`NNNNN.json` record (rows, ids, rejects, sizes, sha256), which marks the shard complete:
+`NNNNN.json` record (rows, ids, rejects, sizes, xxh3_128 hashes), which marks the shard complete:
 
     audio/NNNNN.tar        WebDataset samples keyed by utterance id: the audio bytes and a .json of the manifest
                            row (with the audio's sha256): depends on the manifest alone
@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diva.manifests.record import Utterance
+from diva.zoo.checksum import new_digest
 
 STORED_NUMPY = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}  # bf16 as raw 16-bit words
 STORED_ARROW = {"float16": pa.float16(), "float32": pa.float32(), "int32": pa.int32()}
@@ -251,55 +252,112 @@ def answer_columns(answers: list[Answer], dtype: str, hidden_size: int) -> dict[
     return columns
 
 
-class _Digest:
-    """The sha256 of a file's bytes, computed on a thread of its own as its pieces are handed over (hashlib releases
-    the GIL on large buffers), so the hash of one part runs while the next is assembled and written and the file is
-    never read back."""
+SHARD_HASH = "xxh3_128"  # of each shard file, in its record (caches written before 2026-12 recorded sha256)
 
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
+
+def recorded_hash(facts: dict[str, Any]) -> tuple[str, str]:
+    """(algorithm, hex digest) a shard record gives for one file: xxh3_128, or sha256 in caches written before."""
+    algorithm = SHARD_HASH if SHARD_HASH in facts else "sha256"
+    return algorithm, facts[algorithm]
+
+
+class _FileSink:
+    """Writes a file from lists of its pieces on a thread of its own, one vectored write per list (os.writev
+    releases the GIL for the whole list), handing each list to the disk before the next (`_start_writeback`), so
+    the caller makes the next list meanwhile. Each piece is hashed (SHARD_HASH) as it is fed: XXH3 runs at memory
+    speed, but holds the GIL, which a thread of its own would wait for. An error on the thread is raised by the
+    next `feed` or by `close`."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._hash = new_digest(SHARD_HASH)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="diva-shard-hash", daemon=True)
+        self._error: BaseException | None = None
+        self.size = 0
+        self._thread = threading.Thread(target=self._run, name="diva-shard-sink", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (parts := self._queue.get()) is not None:
-            for part in parts:
-                self._hash.update(part)
+        previous, done = 0, 0
+        try:
+            while (parts := self._queue.get()) is not None:
+                start = done
+                for i in range(0, len(parts), IOV_MAX):
+                    done += _writev_all(self._fd, parts[i : i + IOV_MAX])
+                _start_writeback(self._fd, previous)  # the list before this one (on disk by now) and this one
+                previous = start
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            self._error = error
 
     def feed(self, parts: list[Any]) -> None:
+        if self._error is not None:
+            raise self._error
+        for part in parts:
+            self._hash.update(part)
+        self.size += sum(memoryview(p).nbytes for p in parts)
         self._queue.put(parts)  # not changed after: the list is the caller's last use of it
 
-    def hexdigest(self) -> str:
+    def close(self, check: bool = True) -> str:
+        """Wait for every piece to be written; the file's hex digest."""
         self._queue.put(None)
         self._thread.join()
+        os.close(self._fd)
+        if check and self._error is not None:
+            raise self._error
         return self._hash.hexdigest()
+
+
+IOV_MAX = 1024  # buffers per writev (Linux's limit)
+
+
+def _writev_all(fd: int, parts: list[Any]) -> int:
+    """Write all of `parts` with writev, again from where a short write stopped; the bytes written."""
+    views = [memoryview(p).cast("B") for p in parts]
+    total = left = sum(v.nbytes for v in views)
+    while left:
+        written = os.writev(fd, views)
+        left -= written
+        while views and written >= views[0].nbytes:  # a short write (a signal, a full disk): on from where it stopped
+            written -= views.pop(0).nbytes
+        if written:
+            views[0] = views[0][written:]
+    return total
+
+
+def _start_writeback(fd: int, start: int) -> None:
+    """Hand the file's bytes from `start` on to the disk now, without waiting (POSIX_FADV_DONTNEED starts their
+    writeback and drops the pages already written, which the build never reads again): the disk writes one part
+    while the next is assembled, and a long build neither piles up dirty pages nor fills the page cache with
+    shards. A no-op where the platform has no posix_fadvise."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, start, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _written(final: Path, chunks: Iterable[list[Any]], fault: Any, k: int) -> dict[str, Any]:
     """Write one shard file, its bytes in lists of pieces, under a temporary name, then rename it; its size and
-    sha256 (hashed on a second thread while the pieces are written: `_Digest`)."""
-    digest, size = _Digest(), 0
+    hash (SHARD_HASH). The pieces are written and hashed on a second thread while the next list is made
+    (`_FileSink`)."""
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    sink = _FileSink(tmp)
     try:
-        with open(tmp, "wb") as f:
-            for parts in chunks:
-                digest.feed(parts)
-                f.writelines(parts)
-                size += sum(memoryview(p).nbytes for p in parts)
-    finally:
-        sha256 = digest.hexdigest()
+        for parts in chunks:
+            sink.feed(parts)
+    except BaseException:
+        sink.close(check=False)
+        raise
+    hexdigest = sink.close()
     if fault is not None:
         fault("mid_shard", k)
     os.replace(tmp, final)
-    return {"bytes": size, "sha256": sha256}
+    return {"bytes": sink.size, SHARD_HASH: hexdigest}
 
 
-def _linked_or_kept(final: Path, facts: dict[str, Any], same: dict[str, Path]) -> bool:
-    """Replace a just-written file by a hard link to an identical one elsewhere (same sha256 and size), so caches
-    of releases N and N+1 share the bytes of what did not change; False when there is none or linking fails
-    (another file system: the written copy stays)."""
-    other = same.get(facts["sha256"])
+def _linked_or_kept(final: Path, facts: dict[str, Any], same: dict[tuple[str, str], Path]) -> bool:
+    """Replace a just-written file by a hard link to an identical one elsewhere (`same`: (algorithm, digest) ->
+    path; same hash and size), so caches of releases N and N+1 share the bytes of what did not change; False when
+    there is none (a cache recording sha256 has no xxh3_128 to match) or linking fails (another file system: the
+    written copy stays)."""
+    other = same.get(recorded_hash(facts))
     if other is None or not other.is_file() or other.stat().st_size != facts["bytes"]:
         return False
     tmp = final.with_name(f".{final.name}.link{os.getpid()}")
@@ -321,10 +379,10 @@ def _record(shard_dir: Path, k: int, record: dict[str, Any]) -> dict[str, Any]:
 
 def write_audio_shard(
     shard_dir: Path, k: int, rows: list[AudioRow], rejects: list[dict], fault: Any = None,
-    same: dict[str, Path] | None = None,
+    same: dict[tuple[str, str], Path] | None = None,
 ) -> tuple[dict[str, Any], bool]:  # fmt: skip
     """Write audio shard k (NNNNN.tar, then NNNNN.json) atomically; (its record, whether the tar was hard-linked
-    to an identical one of `same`: sha256 -> path of a reused cache's audio tars)."""
+    to an identical one of `same`: (algorithm, digest) -> a reused cache's audio tar)."""
     final = shard_dir / f"{k:05d}.tar"
     facts = _written(final, tar_chunks(rows), fault, k)
     linked = _linked_or_kept(final, facts, same or {})
@@ -350,7 +408,7 @@ _SIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diva-teacher-shard
 
 def write_shard(
     audio_dir: Path, teacher_dir: Path, k: int, audio: tuple | None, teacher: tuple | None, fault: Any = None,
-    same: dict[str, Path] | None = None,
+    same: dict[tuple[str, str], Path] | None = None,
 ) -> tuple[tuple[dict[str, Any], bool] | None, dict[str, Any] | None]:  # fmt: skip
     """Shard k's audio files (`audio`: write_audio_shard's rows and rejects) and teacher files (`teacher`:
     write_teacher_shard's table, rejects and computed), either None when not to be written. The teacher shard is
@@ -381,7 +439,7 @@ def shard_is_complete(shard_dir: Path, k: int) -> dict[str, Any] | None:
 
 class ShardWriter:
     """Writes shards on one background thread, at most `depth` jobs queued, so the teacher computes shard k + 1
-    while shard k is encoded, compressed, hashed and written (Parquet, zstd, sha256 and file writes release the
+    while shard k is encoded, compressed, hashed and written (Parquet, zstd, xxhash and file writes release the
     GIL). `submit` blocks while the queue is full (memory stays bounded: `depth` shards of rows); results come
     back in submission order from `results()`, and the first job's error is raised there or at `close`."""
 

@@ -132,7 +132,8 @@ def test_a_real_kill_9_resumes_byte_identical(manifest, tiny_llama, clean_cache,
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "diva.cli", "cache", "build", str(manifest), "-o", str(out), "--teacher",
            str(tiny_llama), "-c", "tiny", "--backend", "naive", "--set", "cache.shard_size=2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    slow = {**os.environ, "DIVA_CACHE_FAULT": "slow"}  # 50 ms at each fault point: still running when killed
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=slow)
     deadline = time.time() + 120
     while not (out / "teacher" / "00002.json").exists():
         if proc.poll() is not None or time.time() > deadline:
@@ -204,7 +205,25 @@ def test_verify_and_inspect(clean_cache: Path, tmp_path: Path) -> None:
     data[2000] ^= 0xFF
     tar.write_bytes(bytes(data))
     bad = verify_cache(out)
-    assert not bad.ok and "00003.tar: sha256 differs" in bad.problems[0]
+    assert not bad.ok and "00003.tar: xxh3_128 differs" in bad.problems[0]
+
+
+def test_a_cache_recording_sha256_still_verifies(clean_cache: Path, tmp_path: Path) -> None:
+    """Shard records hold xxh3_128 since 2026-12; caches written before recorded sha256, which verify still checks."""
+    from diva.zoo.checksum import sha256_file
+
+    out = tmp_path / "c"
+    shutil.copytree(clean_cache, out)
+    index = json.loads((out / "index.json").read_text())
+    for shard in index["shards"]:
+        for rel, facts in shard["files"].items():
+            assert set(facts) == {"bytes", "xxh3_128"}
+            shard["files"][rel] = {"bytes": facts["bytes"], "sha256": sha256_file(out / rel)}
+    (out / "index.json").write_text(json.dumps(index))
+    assert verify_cache(out).ok
+    tar = out / "audio" / "00001.tar"
+    tar.write_bytes(tar.read_bytes()[:-1] + b"\1")
+    assert "00001.tar: sha256 differs" in verify_cache(out).problems[0]
 
 
 def test_audio_gone_since_the_manifest_is_rejected_with_its_reason(manifest, tiny_llama, tmp_path: Path) -> None:
@@ -345,3 +364,23 @@ def test_tar_headers_read_back_with_tarfile_and_keep_their_bytes() -> None:
                 assert (member.name, member.size, member.mode, member.uname, member.mtime) == (name, size, 0o444,
                                                                                                "diva", 0)  # fmt: skip
                 assert tar.extractfile(member).read() == data
+
+
+def test_a_short_vectored_write_is_carried_on(tmp_path: Path, monkeypatch) -> None:
+    """writev may write less than asked (a signal, a nearly full disk): the writer goes on from where it stopped."""
+    from diva.teacher_cache import write
+
+    real, calls = os.writev, []
+
+    def short(fd: int, views: list) -> int:
+        calls.append(1)
+        return real(fd, [b"".join(bytes(v) for v in views)[:7]])  # at most 7 bytes a call
+
+    parts = [b"abc", b"", b"defghijklmnop", bytearray(b"q" * 20)]
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    monkeypatch.setattr(os, "writev", short)
+    try:
+        assert write._writev_all(fd, parts) == 36
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"".join(parts) and len(calls) == 6

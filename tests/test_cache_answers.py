@@ -25,7 +25,7 @@ from diva.teacher_cache.prompt import eos_token_ids
 from diva.teacher_cache.read import open_table, stream_samples, table_rows
 from diva.teacher_cache.verify import verify_cache
 from diva.teacher_cache.write import from_stored
-from diva.zoo.checksum import sha256_file
+from diva.zoo.checksum import file_digest
 
 ANSWER_TOKENS = 6
 TEXTS = ["mend the coat", "What is the capital of France?", "seven", "the birch canoe slid on the smooth planks",
@@ -182,7 +182,8 @@ def test_verify_checks_the_answer_columns(hidden_cache: Path, tmp_path: Path) ->
     pq.write_table(table.set_column(table.column_names.index("answer_hidden"), "answer_hidden", column), path)
     index_path = damaged / "index.json"  # a writer bug, not a torn file: the index agrees with the Parquet
     index = json.loads(index_path.read_text())
-    index["shards"][0]["files"]["teacher/00000.parquet"] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    index["shards"][0]["files"]["teacher/00000.parquet"] = {"bytes": path.stat().st_size,
+                                                           "xxh3_128": file_digest(path, "xxh3_128")}
     index_path.write_text(json.dumps(index))
     problems = verify_cache(damaged).problems
     assert any("answer_hidden has shape" in p for p in problems), problems

@@ -15,6 +15,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 from diva.errors import UserError
 from diva.paths import diva_home
@@ -33,13 +34,30 @@ class ChecksumError(UserError):
     """A model folder without safetensors weights, or a damaged safetensors file."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+def new_digest(algorithm: str) -> Any:
+    """A hashlib-like object for `algorithm`: "sha256", or "xxh3_128" (xxHash's 128-bit XXH3, hex of its canonical
+    big-endian bytes; non-cryptographic and ~5x faster here: what cache shard records use)."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    raise ValueError(f"unknown file hash {algorithm!r} (sha256, xxh3_128)")
+
+
+def file_digest(path: Path, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
+    """Hex digest of a file (`new_digest`), read in chunks."""
+    digest = new_digest(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    return file_digest(path, "sha256", chunk)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
