@@ -13,9 +13,9 @@ changes, the audio does not). Then, through the CLI a data engineer runs, each s
     diva cache build manifests/N+1 -o cache/N+1 --reuse cache/N           (incremental)
     diva cache build manifests/N+1 -o cache/N+1-scratch                   (the reference)
 
-The incremental cache must equal the from-scratch one: every shard file's sha256 (from the two index.json
-files) is compared. Reported: rows, rows_computed / rows_reused from the index, seconds of each build and the
-ratio incremental / from scratch.
+The incremental cache must equal the from-scratch one: every shard file's hash (xxh3_128; sha256 in caches
+before 2026-12; from the two index.json files) is compared. Reported: rows, rows_computed / rows_reused from the
+index, seconds of each build and the ratio incremental / from scratch.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main() -> None:
         f"sentences -> {index['rows']} rows; load {report['machine']['load_avg_1min']}",
         "",
         f"`--reuse`: {index['rows_computed']} rows computed, {index['rows_reused']} reused; identical to the "
-        f"from-scratch build (every shard file's sha256): {identical}",
+        f"from-scratch build (every shard file's hash): {identical}",
         "",
     ]
     lines += md_table(["step (whole process)", "s"], [[k, v] for k, v in seconds.items()])

@@ -1,6 +1,7 @@
 """The cache's self-description: `plan.json` (written first: what this folder is being built as) and
 `index.json` (written LAST, so an interrupted build never looks complete): the fingerprint a consumer must
-match, provenance that is recorded but never compared, and per-shard rows, bytes and sha256."""
+match, provenance that is recorded but never compared, and per-shard rows, bytes and file hashes (xxh3_128;
+sha256 in caches before 2026-12)."""
 
 from __future__ import annotations
 
