@@ -317,10 +317,12 @@ def _writev_all(fd: int, parts: list[Any]) -> int:
     while left:
         written = os.writev(fd, views)
         left -= written
-        while views and written >= views[0].nbytes:  # a short write (a signal, a full disk): on from where it stopped
-            written -= views.pop(0).nbytes
-        if written:
-            views[0] = views[0][written:]
+        if left:  # a short write (a signal, a nearly full disk): on from where it stopped
+            first = 0
+            while written >= views[first].nbytes:
+                written -= views[first].nbytes
+                first += 1
+            views = [views[first][written:], *views[first + 1 :]]
     return total
 
 
@@ -335,7 +337,7 @@ def _start_writeback(fd: int, start: int) -> None:
 
 def _written(final: Path, chunks: Iterable[list[Any]], fault: Any, k: int) -> dict[str, Any]:
     """Write one shard file, its bytes in lists of pieces, under a temporary name, then rename it; its size and
-    hash (SHARD_HASH). The pieces are written and hashed on a second thread while the next list is made
+    hash (SHARD_HASH). Each list is hashed here and written on a second thread while the next one is made
     (`_FileSink`)."""
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     sink = _FileSink(tmp)
